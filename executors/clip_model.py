@@ -1,0 +1,211 @@
+"""Loading a CLIP model once per (name, device, dtype), and the helpers both encoders share.
+
+The real loading path for every model: ``CLIPModel.from_pretrained(name_or_folder)``.
+A hub name that cannot be reached becomes a ``ModelLoadError`` that names the model and
+says how to point at a local folder instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence, TypeVar
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+MODEL_ENV = "CLIPSEEK_MODEL"
+DEVICE_ENV = "CLIPSEEK_DEVICE"
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says which one and what to do."""
+
+
+def default_model() -> str:
+    return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+def model_id(name_or_path: str) -> str:
+    """The name stored beside embeddings: a hub name as given, a local folder by its folder name."""
+    if os.path.isdir(name_or_path):
+        return os.path.basename(os.path.normpath(name_or_path))
+    return name_or_path
+
+
+def resolve_device(device: Optional[str]) -> str:
+    """``None`` / ``"auto"`` mean cuda when available, else cpu."""
+    device = device or os.environ.get(DEVICE_ENV) or None
+    if device in (None, "", "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def resolve_dtype(dtype: Optional[str], device: str):
+    import torch
+
+    name = str(dtype or "float32").replace("torch.", "")
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"dtype {dtype!r} is not one of float32, float16, bfloat16")
+    resolved = table[name]
+    if resolved is torch.float16 and not device.startswith("cuda"):
+        raise ValueError(f"dtype float16 needs a cuda device; device is {device!r} (use float32 or bfloat16 on cpu)")
+    return resolved
+
+
+def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be at least 1, got {number}")
+    return number
+
+
+@dataclass
+class LoadedClip:
+    name: str
+    model: Any
+    device: str
+    dtype: Any
+    processor_config: dict
+    tokenizer: Any = None
+
+
+_cache: "OrderedDict[tuple, LoadedClip]" = OrderedDict()
+_cache_lock = threading.Lock()
+_CACHE_SIZE = 2
+
+
+def load_clip(name_or_path: str, device: Optional[str] = None, dtype: Optional[str] = None,
+              with_tokenizer: bool = False) -> LoadedClip:
+    """Load (or reuse) a CLIPModel in eval mode on the resolved device and dtype."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    key = (name_or_path, dev, str(torch_dtype), with_tokenizer)
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+        loaded = _load(name_or_path, dev, torch_dtype, with_tokenizer)
+        _cache[key] = loaded
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+        return loaded
+
+
+def _load(name_or_path: str, device: str, torch_dtype, with_tokenizer: bool) -> LoadedClip:
+    import torch
+    from transformers import CLIPModel
+
+    try:
+        model = CLIPModel.from_pretrained(name_or_path, dtype=torch_dtype)
+        tokenizer = None
+        if with_tokenizer:
+            from transformers import CLIPTokenizer
+
+            tokenizer = CLIPTokenizer.from_pretrained(name_or_path)
+        processor_config = _processor_config(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(model_error_message(name_or_path, e)) from None
+    model.eval().to(device)
+    torch.set_grad_enabled(False)
+    logger.info("loaded CLIP %s on %s (%s)", name_or_path, device, torch_dtype)
+    return LoadedClip(model_id(name_or_path), model, device, torch_dtype, processor_config, tokenizer)
+
+
+def model_error_message(name_or_path: str, error: BaseException) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if os.path.isdir(name_or_path):
+        return f"cannot load CLIP model from folder {name_or_path!r}: {first_line}"
+    return (
+        f"cannot load CLIP model {name_or_path!r}: {first_line}\n"
+        f"If this machine is offline, download the model where there is network access "
+        f"(`huggingface-cli download {name_or_path}`, or `CLIPModel.from_pretrained(...).save_pretrained(DIR)` "
+        f"together with the tokenizer and processor) and point clipseek at the folder: "
+        f"--model DIR or {MODEL_ENV}=DIR. The shipped demo model is data/models/clipseek-demo."
+    )
+
+
+def _processor_config(name_or_path: str) -> dict:
+    """The image processor's settings (preprocessor_config.json) of a folder or hub model."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, "preprocessor_config.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(name_or_path, "preprocessor_config.json")
+    if not os.path.exists(path):
+        raise OSError(f"{path} is missing (save the CLIPImageProcessor beside the model)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_model_available(name_or_path: str) -> None:
+    """Cheap check that a model can be loaded, without loading it (raises ModelLoadError)."""
+    if os.path.isdir(name_or_path):
+        missing = [f for f in ("config.json", "preprocessor_config.json") if not os.path.exists(os.path.join(name_or_path, f))]
+        if missing:
+            raise ModelLoadError(f"folder {name_or_path!r} is not a saved CLIP model: missing {', '.join(missing)}")
+        return
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(name_or_path, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+    except Exception as e:  # any hub or network failure becomes one clear message
+        raise ModelLoadError(model_error_message(name_or_path, e)) from None
+
+
+def _features(output) -> Any:
+    """transformers 5 returns a model output with ``pooler_output``; 4.x returned the tensor."""
+    return output if hasattr(output, "norm") else output.pooler_output
+
+
+def _to_unit_numpy(features) -> "Any":
+    import torch
+
+    features = features.float()
+    features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return features.cpu().numpy().astype("float32", copy=False)
+
+
+def image_embeddings(clip: LoadedClip, pixel_values) -> "Any":
+    """(B, 3, H, W) float32 array -> (B, D) float32 L2-normalized embeddings."""
+    import torch
+
+    with torch.inference_mode():
+        tensor = torch.from_numpy(pixel_values)
+        if clip.device.startswith("cuda"):
+            tensor = tensor.pin_memory().to(clip.device, non_blocking=True)
+        tensor = tensor.to(clip.dtype)
+        return _to_unit_numpy(_features(clip.model.get_image_features(pixel_values=tensor)))
+
+
+def text_embeddings(clip: LoadedClip, texts: Sequence[str], max_length: int = 77) -> "Any":
+    """Texts -> (B, D) float32 L2-normalized embeddings; tokens padded to the longest text, cut at max_length."""
+    import torch
+
+    if clip.tokenizer is None:
+        raise RuntimeError("text_embeddings needs a model loaded with with_tokenizer=True")
+    limit = min(max_length, getattr(clip.model.config.text_config, "max_position_embeddings", max_length))
+    tokens = clip.tokenizer(list(texts), padding="longest", truncation=True, max_length=limit, return_tensors="pt")
+    with torch.inference_mode():
+        tokens = {k: v.to(clip.device) for k, v in tokens.items()}
+        return _to_unit_numpy(_features(clip.model.get_text_features(**tokens)))

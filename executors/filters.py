@@ -1,0 +1,86 @@
+"""Metadata filters -> a SQL condition over the indexer's ``rows`` table.
+
+A filter is a dict. Each key is a stored column (``uri``, ``mtime``, ``size``, ``width``,
+``height``, ``indexed_at``) or a tag (``tags.NAME``, or plain ``NAME`` when it is no
+column). Each value is either a scalar (equality) or a dict of operators:
+``$eq $ne $gt $gte $lt $lte $in $nin``. Several keys and operators all must hold.
+
+    {"label": "cat", "width": {"$gte": 640}, "mtime": {"$gte": 1.7e9, "$lt": 1.8e9}}
+
+Dates in ranges may be ISO strings ("2024-05-01") or epoch seconds; they are compared
+with ``mtime`` / ``indexed_at`` as epoch seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from typing import Any, List, Mapping, Tuple
+
+COLUMNS = ("uri", "mtime", "size", "width", "height", "indexed_at", "content_hash")
+DATE_COLUMNS = ("mtime", "indexed_at")
+_OPS = {"$eq": "=", "$ne": "!=", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+_TAG_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class FilterError(ValueError):
+    """A malformed filter; the message names the bad part."""
+
+
+def to_sql(spec: Mapping[str, Any] | None) -> Tuple[str, List[Any]]:
+    """(condition, parameters); an empty filter is ``("1", [])``."""
+    if not spec:
+        return "1", []
+    if not isinstance(spec, Mapping):
+        raise FilterError(f"filter must be a JSON object of field: condition, got {type(spec).__name__}")
+    parts: List[str] = []
+    params: List[Any] = []
+    for key, cond in spec.items():
+        column = _column(key)
+        ops = cond if isinstance(cond, Mapping) else {"$eq": cond}
+        if not ops:
+            raise FilterError(f"filter on {key!r}: empty condition")
+        for op, value in ops.items():
+            if op in ("$in", "$nin"):
+                if not isinstance(value, (list, tuple)) or not value:
+                    raise FilterError(f"filter on {key!r}: {op} needs a non-empty list, got {value!r}")
+                values = [_value(key, op, v) for v in value]
+                neg = "NOT " if op == "$nin" else ""
+                parts.append(f"{column} {neg}IN ({', '.join('?' * len(values))})")
+                params.extend(values)
+            elif op in _OPS:
+                parts.append(f"{column} {_OPS[op]} ?")
+                params.append(_value(key, op, value))
+            else:
+                raise FilterError(f"filter on {key!r}: unknown operator {op!r} (use one of {', '.join([*_OPS, '$in', '$nin'])})")
+    return " AND ".join(parts), params
+
+
+def _column(key: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise FilterError(f"filter field must be a non-empty string, got {key!r}")
+    if key.startswith("tags."):
+        name = key[5:]
+    elif key in COLUMNS:
+        return key
+    else:
+        name = key
+    if not _TAG_NAME.match(name):
+        raise FilterError(f"filter field {key!r}: tag names may hold letters, digits, '_' and '-' only")
+    return f"json_extract(tags, '$.\"{name}\"')"
+
+
+def _value(key: str, op: str, value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    if key in DATE_COLUMNS and isinstance(value, str):
+        try:
+            parsed = _dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise FilterError(f"filter on {key!r}: {op} value {value!r} is neither epoch seconds nor an ISO date") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=_dt.timezone.utc)
+        return parsed.timestamp()
+    if isinstance(value, (int, float, str)) or value is None:
+        return value
+    raise FilterError(f"filter on {key!r}: {op} value must be a number or a string, got {type(value).__name__}")

@@ -1,0 +1,456 @@
+"""On-disk vector store: float32 vectors in a memory-mapped file, metadata in SQLite.
+
+Layout of a store folder (created user-only, 0700 / 0600):
+
+- ``vectors.f32``: rows of ``dim`` float32, row ``r`` at byte ``r * dim * 4``; the file
+  grows in chunks and is only ever read through a read-only memory map.
+- ``meta.sqlite`` (WAL mode): table ``rows`` (one per live document: row number, id,
+  uri, tags, file facts) and table ``meta`` (schema version, dim, model, high-water
+  row count, generation).
+- ``write.lock``: held (flock) by the one process that writes.
+
+Commit protocol, so that a kill at any moment leaves a consistent store: new vectors are
+written past the committed high-water mark and synced to disk; then one SQLite
+transaction inserts their rows and moves the high-water mark. Rows past the mark are
+ignored and overwritten. An upsert writes a new row and re-points the id, so a reader
+never sees a half-written vector under a committed id, and a deleted row is never
+matched again. Readers in other processes see each commit at their next search.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from executors import filters
+
+SCHEMA_VERSION = 1
+VECTORS_FILE = "vectors.f32"
+DB_FILE = "meta.sqlite"
+LOCK_FILE = "write.lock"
+META_COLUMNS = ("uri", "tags", "content_hash", "mtime", "size", "width", "height", "indexed_at")
+
+logger = logging.getLogger(__name__)
+
+
+class StoreError(ValueError):
+    """A request the store refuses; the message says why."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store for writing."""
+
+
+@dataclass
+class Record:
+    """Metadata of one stored vector."""
+
+    id: str
+    uri: Optional[str] = None
+    tags: Dict[str, Any] = field(default_factory=dict)
+    content_hash: Optional[str] = None
+    mtime: Optional[float] = None
+    size: Optional[int] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    indexed_at: Optional[float] = None
+
+
+class VectorStore:
+    """Exact cosine search over unit vectors kept on disk."""
+
+    def __init__(self, path: str, *, growth_rows: int = 16384, chunk_rows: int = 65536):
+        self.path = os.path.abspath(path)
+        self.growth_rows = int(growth_rows)
+        self.chunk_rows = int(chunk_rows)
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        self._vectors_path = os.path.join(self.path, VECTORS_FILE)
+        db_path = os.path.join(self.path, DB_FILE)
+        _touch_private(db_path)
+        self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._lock = threading.RLock()
+        self._write_fd: Optional[int] = None
+        self._lock_fd: Optional[int] = None
+        self._capacity = 0
+        self._generation: Optional[int] = None
+        self._view: Optional[np.ndarray] = None
+        self._live = np.zeros(0, dtype=bool)
+        self._init_schema()
+
+    # ---- schema and meta -------------------------------------------------------------
+    def _init_schema(self) -> None:
+        with self._transaction():
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS rows (row INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, uri TEXT, "
+                "tags TEXT NOT NULL DEFAULT '{}', content_hash TEXT, mtime REAL, size INTEGER, width INTEGER, "
+                "height INTEGER, indexed_at REAL)"
+            )
+            self._db.execute("CREATE INDEX IF NOT EXISTS rows_uri ON rows(uri)")
+            for key, value in (("schema_version", SCHEMA_VERSION), ("high_water", 0), ("generation", 0)):
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, str(value)))
+        version = int(self._meta("schema_version"))
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"index at {self.path} has schema version {version}; this clipseek reads version {SCHEMA_VERSION}. "
+                f"Re-index into a new workspace (or restore a snapshot made by a matching version)."
+            )
+        high_water, dim = int(self._meta("high_water")), self.dim
+        if dim and high_water:
+            needed = high_water * dim * 4
+            have = os.path.getsize(self._vectors_path) if os.path.exists(self._vectors_path) else 0
+            if have < needed:
+                raise StoreError(f"index at {self.path} is damaged: {VECTORS_FILE} holds {have} bytes, "
+                                 f"{high_water} committed rows need {needed}")
+
+    def _transaction(self, immediate: bool = True):
+        return _Transaction(self._db, immediate)
+
+    def _meta(self, key: str) -> Optional[str]:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def _set_meta(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, None if value is None else str(value)))
+
+    @property
+    def dim(self) -> Optional[int]:
+        value = self._meta("dim")
+        return int(value) if value else None
+
+    @property
+    def model(self) -> Optional[str]:
+        return self._meta("model") or None
+
+    @property
+    def count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+
+    def bytes_on_disk(self) -> int:
+        total = 0
+        for name in os.listdir(self.path):
+            try:
+                total += os.stat(os.path.join(self.path, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+        return total
+
+    # ---- writing -----------------------------------------------------------------------
+    def _acquire_writer(self) -> None:
+        if self._lock_fd is not None:
+            return
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLockedError(
+                f"index at {self.path} is open for writing by another process (pid {holder}); "
+                f"stop that process or use another workspace"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def _open_vectors_for_write(self) -> int:
+        if self._write_fd is None:
+            self._write_fd = os.open(self._vectors_path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._capacity = 0
+        return self._write_fd
+
+    def _ensure_capacity(self, rows: int, dim: int) -> None:
+        fd = self._open_vectors_for_write()
+        current = os.fstat(fd).st_size // (dim * 4)
+        if current >= rows:
+            self._capacity = current
+            return
+        grown = max(rows, current + self.growth_rows)
+        grown = -(-grown // self.growth_rows) * self.growth_rows
+        os.ftruncate(fd, grown * dim * 4)
+        self._capacity = grown
+
+    def check_compatible(self, dim: int, model: Optional[str]) -> None:
+        """Raise StoreError if vectors of this dim / model cannot join the store."""
+        have_dim, have_model = self.dim, self.model
+        if have_dim and have_dim != dim:
+            raise StoreError(
+                f"index at {self.path} holds {have_dim}-d embeddings (model {have_model}); got {dim}-d "
+                f"(model {model}). Use another workspace, or clear the index first"
+            )
+        if have_model and model and have_model != model:
+            raise StoreError(
+                f"index at {self.path} holds embeddings of model {have_model!r}; got embeddings of model {model!r}. "
+                f"Use another workspace, or clear the index first"
+            )
+
+    def upsert(self, vectors: np.ndarray, records: Sequence[Record], model: Optional[str] = None) -> None:
+        """Add or replace ``records`` (ids unique within the call) with their ``vectors``."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(records):
+            raise StoreError(f"expected {len(records)} vectors as a 2-d array, got shape {vectors.shape}")
+        if not len(records):
+            return
+        ids = [r.id for r in records]
+        if len(set(ids)) != len(ids):
+            raise StoreError("ids must be unique within one upsert")
+        if not np.isfinite(vectors).all():
+            raise StoreError("vectors contain NaN or infinity")
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise StoreError("vectors contain an all-zero row (no direction to compare)")
+        vectors = np.ascontiguousarray(vectors / norms, dtype=np.float32)
+        n, dim = vectors.shape
+        self.check_compatible(dim, model)
+        with self._lock:
+            self._acquire_writer()
+            high_water = int(self._meta("high_water"))
+            self._ensure_capacity(high_water + n, dim)
+            fd = self._open_vectors_for_write()
+            _pwrite_all(fd, vectors.tobytes(), high_water * dim * 4)
+            os.fdatasync(fd)
+            now = time.time()
+            with self._transaction():
+                self.check_compatible(dim, model)
+                if not self.dim:
+                    self._set_meta("dim", dim)
+                if model and not self.model:
+                    self._set_meta("model", model)
+                self._db.executemany(
+                    "INSERT INTO rows (row, id, uri, tags, content_hash, mtime, size, width, height, indexed_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET row=excluded.row, "
+                    "uri=excluded.uri, tags=excluded.tags, content_hash=excluded.content_hash, mtime=excluded.mtime, "
+                    "size=excluded.size, width=excluded.width, height=excluded.height, indexed_at=excluded.indexed_at",
+                    [
+                        (high_water + i, r.id, r.uri, json.dumps(r.tags or {}), r.content_hash, r.mtime, r.size,
+                         r.width, r.height, now)
+                        for i, r in enumerate(records)
+                    ],
+                )
+                self._set_meta("high_water", high_water + n)
+                self._bump_generation()
+
+    def _bump_generation(self) -> None:
+        self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+
+    def delete(self, ids: Iterable[str]) -> int:
+        ids = list(ids)
+        if not ids:
+            return 0
+        with self._lock:
+            self._acquire_writer()
+            with self._transaction():
+                deleted = 0
+                for start in range(0, len(ids), 500):
+                    part = ids[start : start + 500]
+                    cur = self._db.execute(f"DELETE FROM rows WHERE id IN ({','.join('?' * len(part))})", part)
+                    deleted += cur.rowcount
+                if deleted:
+                    self._bump_generation()
+            return deleted
+
+    def clear(self) -> int:
+        """Remove every row, the dim and the model; the space on disk is given back."""
+        with self._lock:
+            self._acquire_writer()
+            with self._transaction():
+                removed = self._db.execute("DELETE FROM rows").rowcount
+                self._db.execute("DELETE FROM meta WHERE key IN ('dim', 'model')")
+                self._set_meta("high_water", 0)
+                self._bump_generation()
+            # A fresh file replaces the old one; readers keep their map of the old one until they re-map.
+            tmp = self._vectors_path + ".new"
+            os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600))
+            os.replace(tmp, self._vectors_path)
+            if self._write_fd is not None:
+                os.close(self._write_fd)
+                self._write_fd = None
+            return removed
+
+    # ---- reading -----------------------------------------------------------------------
+    def _refresh(self) -> Tuple[Optional[np.ndarray], np.ndarray]:
+        """The committed vectors (read-only map) and the live-row mask, re-read after each commit."""
+        generation = int(self._meta("generation"))
+        if generation == self._generation:
+            return self._view, self._live
+        with self._transaction(immediate=False):
+            generation = int(self._meta("generation"))
+            high_water = int(self._meta("high_water"))
+            dim = self.dim
+            rows = np.fromiter((r for (r,) in self._db.execute("SELECT row FROM rows")), dtype=np.int64)
+        live = np.zeros(high_water, dtype=bool)
+        live[rows] = True
+        view = None
+        if high_water and dim:
+            view = np.memmap(self._vectors_path, dtype=np.float32, mode="r", shape=(high_water, dim))
+        self._view, self._live, self._generation = view, live, generation
+        return view, live
+
+    def search(self, queries: np.ndarray, limit: int = 10, min_score: Optional[float] = None,
+               where: Optional[Mapping[str, Any]] = None) -> List[List[Tuple[Record, float]]]:
+        """Top-``limit`` cosine matches per query, best first, among rows matching ``where``."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if limit < 1:
+            raise StoreError(f"limit must be at least 1, got {limit}")
+        with self._lock:
+            view, live = self._refresh()
+            if view is None:
+                return [[] for _ in queries]
+            if queries.shape[1] != view.shape[1]:
+                raise StoreError(f"query has {queries.shape[1]} dimensions; the index at {self.path} holds {view.shape[1]}")
+            mask = live
+            if where:
+                mask = live & self._rows_matching(where, len(live))
+            scores, rows = self._top_k(view, mask, queries, limit, min_score)
+        results = []
+        wanted = sorted({int(r) for r in rows.ravel() if r >= 0})
+        records = self._records_by_row(wanted)
+        for q_scores, q_rows in zip(scores, rows):
+            hits = []
+            for score, row in zip(q_scores, q_rows):
+                record = records.get(int(row)) if row >= 0 else None
+                if record is not None:  # a row deleted since the mask was read is dropped
+                    hits.append((record, float(score)))
+            results.append(hits)
+        return results
+
+    def _top_k(self, view, mask, queries, limit, min_score):
+        m = len(queries)
+        q = np.ascontiguousarray(queries.T)
+        cand_scores, cand_rows = [], []
+        for start in range(0, len(view), self.chunk_rows):
+            stop = min(start + self.chunk_rows, len(view))
+            block_mask = mask[start:stop]
+            if not block_mask.any():
+                continue
+            scores = np.asarray(view[start:stop]) @ q  # (rows, m)
+            if not block_mask.all():
+                scores[~block_mask] = -np.inf
+            k = min(limit, stop - start)
+            part = np.argpartition(-scores, k - 1, axis=0)[:k] if k < stop - start else np.arange(stop - start)[:, None].repeat(m, 1)
+            cand_scores.append(np.take_along_axis(scores, part, axis=0))
+            cand_rows.append(part + start)
+        if not cand_scores:
+            return np.full((m, 0), -np.inf, dtype=np.float32), np.full((m, 0), -1, dtype=np.int64)
+        all_scores = np.concatenate(cand_scores, axis=0).T  # (m, candidates)
+        all_rows = np.concatenate(cand_rows, axis=0).T
+        order = np.argsort(-all_scores, axis=1, kind="stable")[:, :limit]
+        top_scores = np.take_along_axis(all_scores, order, axis=1)
+        top_rows = np.take_along_axis(all_rows, order, axis=1)
+        floor = -np.inf if min_score is None else float(min_score)
+        top_rows = np.where((top_scores > -np.inf) & (top_scores >= floor), top_rows, -1)
+        return top_scores, top_rows
+
+    def _rows_matching(self, where: Mapping[str, Any], size: int) -> np.ndarray:
+        condition, params = filters.to_sql(where)
+        mask = np.zeros(size, dtype=bool)
+        rows = np.fromiter((r for (r,) in self._db.execute(f"SELECT row FROM rows WHERE {condition}", params)), dtype=np.int64)
+        rows = rows[rows < size]
+        mask[rows] = True
+        return mask
+
+    def _records_by_row(self, rows: Sequence[int]) -> Dict[int, Record]:
+        out: Dict[int, Record] = {}
+        for start in range(0, len(rows), 500):
+            part = list(rows[start : start + 500])
+            for row in self._db.execute(
+                f"SELECT row, id, {', '.join(META_COLUMNS)} FROM rows WHERE row IN ({','.join('?' * len(part))})", part
+            ):
+                out[row[0]] = _record(row[1:])
+        return out
+
+    def get(self, ids: Sequence[str]) -> Dict[str, Record]:
+        """Stored metadata of these ids (missing ids are left out)."""
+        out: Dict[str, Record] = {}
+        ids = list(ids)
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            for row in self._db.execute(
+                f"SELECT id, {', '.join(META_COLUMNS)} FROM rows WHERE id IN ({','.join('?' * len(part))})", part
+            ):
+                out[row[0]] = _record(row)
+        return out
+
+    def vectors(self, ids: Sequence[str]) -> Dict[str, np.ndarray]:
+        """Stored vectors of these ids, read from the map (missing ids are left out)."""
+        ids = list(ids)
+        with self._lock:
+            view, _ = self._refresh()
+            if view is None or not ids:
+                return {}
+            found = {}
+            for start in range(0, len(ids), 500):
+                part = ids[start : start + 500]
+                found.update(self._db.execute(
+                    f"SELECT id, row FROM rows WHERE id IN ({','.join('?' * len(part))})", part).fetchall())
+            return {i: np.array(view[r]) for i, r in found.items() if r < len(view)}
+
+    def iter_records(self, batch: int = 1000) -> Iterable[Tuple[int, Record]]:
+        """Every live (row, record), in row order."""
+        last = -1
+        while True:
+            rows = self._db.execute(
+                f"SELECT row, id, {', '.join(META_COLUMNS)} FROM rows WHERE row > ? ORDER BY row LIMIT ?", (last, batch)
+            ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield row[0], _record(row[1:])
+            last = rows[-1][0]
+
+    def status(self) -> Dict[str, Any]:
+        return {"count": self.count, "dim": self.dim, "model": self.model, "bytes_on_disk": self.bytes_on_disk(),
+                "schema_version": SCHEMA_VERSION, "path": self.path}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._write_fd is not None:
+                os.close(self._write_fd)
+                self._write_fd = None
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            self._view = None
+            self._db.close()
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection, immediate: bool):
+        self.db, self.immediate = db, immediate
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        return False
+
+
+def _record(row: Sequence[Any]) -> Record:
+    rid, uri, tags, content_hash, mtime, size, width, height, indexed_at = row
+    return Record(rid, uri, json.loads(tags or "{}"), content_hash, mtime, size, width, height, indexed_at)
+
+
+def _touch_private(path: str) -> None:
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
