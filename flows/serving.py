@@ -1,0 +1,74 @@
+"""Start the index and search flows from ``flow_index.yml`` / ``flow_search.yml`` with overrides.
+
+The YAML files stay the single description of both flows; this module only fills in what
+a user chose on the command line or in the environment: host, ports, model, device,
+dtype, batch size and workspace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import yaml
+
+from flows.settings import PROJECT_ROOT, Settings
+
+logger = logging.getLogger(__name__)
+
+INDEX_FLOW = os.path.join(PROJECT_ROOT, "flow_index.yml")
+SEARCH_FLOW = os.path.join(PROJECT_ROOT, "flow_search.yml")
+ENCODER_OPTIONS = ("pretrained_model_name_or_path", "device", "dtype", "batch_size")
+
+
+def flow_config(path: str, *, host: str, port: int, encoder_options: Dict[str, Any],
+                timeout_ready: int = 120_000) -> Dict[str, Any]:
+    """The flow YAML as a dict, with host, port and encoder options set and executor paths made absolute."""
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    base = os.path.dirname(os.path.abspath(path))
+    config.setdefault("with", {}).update(host=host, port=port, timeout_ready=timeout_ready)
+    for executor in config.get("executors", []):
+        uses = executor.get("uses")
+        if isinstance(uses, str) and uses.endswith((".yml", ".yaml")) and not os.path.isabs(uses):
+            executor["uses"] = os.path.join(base, uses)
+        if "encoder" in executor.get("name", ""):
+            overrides = {k: v for k, v in encoder_options.items() if v is not None}
+            executor["uses_with"] = {**(executor.get("uses_with") or {}), **overrides}
+        executor.setdefault("timeout_ready", timeout_ready)
+    return config
+
+
+def build_flows(settings: Settings):
+    """(index flow, search flow), not started."""
+    from jina import Flow
+
+    settings.export_env()  # executors read CLIPSEEK_WORKSPACE / CLIPSEEK_MODEL in their own processes
+    options = {"pretrained_model_name_or_path": settings.model, "device": settings.device,
+               "dtype": settings.dtype, "batch_size": settings.batch_size}
+    index_flow = Flow.load_config(flow_config(INDEX_FLOW, host=settings.host, port=settings.index_port, encoder_options=options))
+    search_flow = Flow.load_config(flow_config(SEARCH_FLOW, host=settings.host, port=settings.search_port,
+                                               encoder_options={**options, "batch_size": None}))
+    return index_flow, search_flow
+
+
+@contextlib.contextmanager
+def running_flows(settings: Settings) -> Iterator[Tuple[Any, Any]]:
+    """Both flows started (index first: it creates the index the search flow opens), closed on exit."""
+    index_flow, search_flow = build_flows(settings)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(index_flow)
+        stack.enter_context(search_flow)
+        logger.info("index flow on %s:%d, search flow on %s:%d", settings.host, settings.index_port,
+                    settings.host, settings.search_port)
+        yield index_flow, search_flow
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,62 @@
+"""Settings shared by the CLI, the client and the servers: flags over environment over defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_MODEL_DIR = os.path.join(PROJECT_ROOT, "data", "models", "clipseek-demo")
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_INDEX_PORT = 51000
+DEFAULT_SEARCH_PORT = 51001
+
+
+def _env(name: str, default=None):
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _env_int(name: str, default: Optional[int]) -> Optional[int]:
+    value = _env(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+@dataclass
+class Settings:
+    """Where the flows listen and what they run. Every field has a flag and an environment variable."""
+
+    host: str = field(default_factory=lambda: _env("CLIPSEEK_HOST", DEFAULT_HOST))
+    index_port: int = field(default_factory=lambda: _env_int("CLIPSEEK_INDEX_PORT", DEFAULT_INDEX_PORT))
+    search_port: int = field(default_factory=lambda: _env_int("CLIPSEEK_SEARCH_PORT", DEFAULT_SEARCH_PORT))
+    model: Optional[str] = field(default_factory=lambda: _env("CLIPSEEK_MODEL"))
+    device: Optional[str] = field(default_factory=lambda: _env("CLIPSEEK_DEVICE"))
+    dtype: Optional[str] = field(default_factory=lambda: _env("CLIPSEEK_DTYPE"))
+    batch_size: Optional[int] = field(default_factory=lambda: _env_int("CLIPSEEK_BATCH_SIZE", None))
+    workspace: str = field(default_factory=lambda: _env("CLIPSEEK_WORKSPACE", os.path.join(PROJECT_ROOT, "workspace")))
+
+    @property
+    def index_address(self) -> str:
+        return f"grpc://{_client_host(self.host)}:{self.index_port}"
+
+    @property
+    def search_address(self) -> str:
+        return f"grpc://{_client_host(self.host)}:{self.search_port}"
+
+    def export_env(self) -> None:
+        """Hand the choices that executors read themselves to their processes."""
+        os.environ["CLIPSEEK_WORKSPACE"] = os.path.abspath(self.workspace)
+        if self.model:
+            os.environ["CLIPSEEK_MODEL"] = self.model
+        if self.device:
+            os.environ["CLIPSEEK_DEVICE"] = self.device
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
