@@ -1,0 +1,48 @@
+"""Shared fixtures: a small CLIP built offline and saved like a hub model, and images on disk."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("JINA_LOG_LEVEL", "WARNING")
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40)}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A randomly initialised small CLIPModel with its tokenizer and image processor, saved to a folder
+    and loaded through the same from_pretrained path as a hub model."""
+    from flows.modelkit import make_tiny_clip
+
+    folder = str(tmp_path_factory.mktemp("models") / "tiny-clip")
+    make_tiny_clip(folder, words="a photo of red green blue yellow circle square".split(), seed=0)
+    return folder
+
+
+def draw_picture(path, colour: str, size=(96, 72), shape: str = "circle") -> str:
+    img = Image.new("RGB", size, (245, 245, 240))
+    d = ImageDraw.Draw(img)
+    w, h = size
+    box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+    (d.ellipse if shape == "circle" else d.rectangle)(box, fill=COLOURS[colour])
+    img.save(path)
+    return str(path)
+
+
+@pytest.fixture
+def picture_dir(tmp_path):
+    """Four PNG/JPEG pictures in a nested folder, plus a non-image file that must be ignored."""
+    root = tmp_path / "pictures"
+    (root / "sub").mkdir(parents=True)
+    paths = [
+        draw_picture(root / "red.png", "red"),
+        draw_picture(root / "green.jpg", "green", shape="square"),
+        draw_picture(root / "sub" / "blue.png", "blue", size=(64, 120)),
+        draw_picture(root / "sub" / "yellow.jpeg", "yellow"),
+    ]
+    (root / "notes.txt").write_text("not a picture")
+    return root, sorted(paths)

@@ -1,0 +1,131 @@
+"""Both flows started from the YAML files over real gRPC on free ports, driven by the client."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+from docarray import DocList
+
+from executors.docs import ImageInput, TextQuery
+from executors.imaging import uri_id
+from flows.client import ClipseekClient, ClipseekError
+from flows.serving import free_port, running_flows
+from flows.settings import Settings
+
+from .conftest import draw_picture
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    saved = dict(os.environ)
+    settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=tiny_model,
+                        device="cpu", workspace=str(tmp_path_factory.mktemp("workspace")))
+    try:
+        with running_flows(settings):
+            yield settings, ClipseekClient(settings.index_address, settings.search_address)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_index_then_search_finds_every_indexed_file(served, picture_dir):
+    settings, client = served
+    root, paths = picture_dir
+    client.clear()
+    report = client.index([str(root)], batch_size=3)
+    assert sorted(report.indexed) == paths and not report.failed and not report.unchanged
+    hits = client.search("a red circle", limit=10)
+    assert sorted(h.uri for h in hits) == paths
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert all(h.id == uri_id(h.uri) for h in hits)
+    status = client.status()
+    assert status.count == 4 and status.dim == 32 and status.model == "tiny-clip" and status.bytes_on_disk > 0
+
+    # a second run skips what is unchanged, re-embeds what changed
+    time.sleep(0.01)
+    draw_picture(paths[0], "blue")
+    again = client.index([str(root)])
+    assert again.indexed == [paths[0]] and sorted(again.unchanged) == paths[1:]
+    assert client.status().count == 4
+
+
+def test_scores_are_the_cosine_of_the_encoders(served, picture_dir, tiny_model):
+    from executors.clip_image_encoder import CLIPImageEncoder
+    from executors.clip_text_encoder import CLIPTextEncoder
+
+    _, client = served
+    root, paths = picture_dir
+    client.clear()
+    client.index(paths)
+    images = DocList[ImageInput]([ImageInput(url=p) for p in paths])
+    CLIPImageEncoder(pretrained_model_name_or_path=tiny_model).encode(images)
+    query = DocList[TextQuery]([TextQuery(text="green square")])
+    CLIPTextEncoder(pretrained_model_name_or_path=tiny_model).encode(query)
+    expected = {d.url: float(np.dot(d.embedding, query[0].embedding)) for d in images}
+    hits = client.search("green square", limit=2)
+    assert len(hits) == 2
+    best = sorted(expected.items(), key=lambda kv: -kv[1])[:2]
+    assert [h.uri for h in hits] == [uri for uri, _ in best]
+    for hit in hits:
+        assert hit.score == pytest.approx(expected[hit.uri], abs=1e-5)
+
+
+def test_failures_are_reported_per_document(served, picture_dir, tmp_path):
+    _, client = served
+    root, paths = picture_dir
+    client.clear()
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    report = client.index([paths[0], str(bad), str(tmp_path / "nowhere"), str(tmp_path / "*.webp")])
+    assert report.indexed == [paths[0]]
+    reasons = dict(report.failed)
+    assert "not a recognised image format" in reasons[str(bad)]
+    assert reasons[str(tmp_path / "nowhere")] == "no such file or directory"
+    assert "matches no image" in reasons[str(tmp_path / "*.webp")]
+
+
+def test_limit_min_score_filter_and_delete(served, picture_dir):
+    _, client = served
+    root, paths = picture_dir
+    client.clear()
+    client.index(paths[:2], tags={"album": "one"})
+    client.index(paths[2:], tags={"album": "two"})
+    assert len(client.search("red", limit=3)) == 3
+    only_two = client.search("red", limit=10, filter={"album": "two"})
+    assert sorted(h.uri for h in only_two) == paths[2:] and all(h.tags == {"album": "two"} for h in only_two)
+    assert client.search("red", limit=10, min_score=1.01) == []
+    with pytest.raises(ClipseekError, match="unknown operator"):
+        client.search("red", filter={"album": {"$like": "t%"}})
+    assert client.delete([uri_id(paths[0]), "no-such-id"]) == 1
+    assert paths[0] not in {h.uri for h in client.search("red", limit=10)}
+
+
+def test_empty_query_is_a_clear_error(served):
+    _, client = served
+    with pytest.raises(ClipseekError, match="empty query"):
+        client.search("  ")
+    with pytest.raises(TypeError, match="one text"):
+        client.search(["a", "b"])
+
+
+def test_documents_from_plain_docarray_types(served, picture_dir):
+    """Any jina Client user can post docarray's own ImageDoc / TextDoc to the flows."""
+    from docarray.documents import ImageDoc, TextDoc
+    from jina import Client
+
+    settings, client = served
+    _, paths = picture_dir
+    client.clear()
+    Client(host=settings.index_address).post("/index", DocList[ImageDoc]([ImageDoc(url=p) for p in paths]),
+                                             return_type=DocList[ImageDoc])
+    answer = Client(host=settings.search_address).post("/search", DocList[TextDoc]([TextDoc(text="blue")]),
+                                                       parameters={"limit": 2}, return_type=DocList[TextQuery])
+    assert len(answer[0].matches) == 2 and {m.uri for m in answer[0].matches} <= set(paths)
+
+
+def test_unreachable_server_is_a_clear_error():
+    port = free_port()
+    client = ClipseekClient(f"grpc://127.0.0.1:{port}", f"grpc://127.0.0.1:{port}", timeout=5)
+    with pytest.raises(ClipseekError, match=f"127.0.0.1:{port}"):
+        client.status()
