@@ -3,7 +3,8 @@
 A filter is a dict. Each key is a stored column (``uri``, ``mtime``, ``size``, ``width``,
 ``height``, ``indexed_at``) or a tag (``tags.NAME``, or plain ``NAME`` when it is no
 column). Each value is either a scalar (equality) or a dict of operators:
-``$eq $ne $gt $gte $lt $lte $in $nin``. Several keys and operators all must hold.
+``$eq $ne $gt $gte $lt $lte $in $nin``; ``null`` matches a missing tag or column. Several
+keys and operators all must hold.
 
     {"label": "cat", "width": {"$gte": 640}, "mtime": {"$gte": 1.7e9, "$lt": 1.8e9}}
 
@@ -48,6 +49,8 @@ def to_sql(spec: Mapping[str, Any] | None) -> Tuple[str, List[Any]]:
                 neg = "NOT " if op == "$nin" else ""
                 parts.append(f"{column} {neg}IN ({', '.join('?' * len(values))})")
                 params.extend(values)
+            elif op in ("$eq", "$ne") and value is None:
+                parts.append(f"{column} IS {'NOT ' if op == '$ne' else ''}NULL")
             elif op in _OPS:
                 parts.append(f"{column} {_OPS[op]} ?")
                 params.append(_value(key, op, value))

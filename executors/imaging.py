@@ -261,7 +261,7 @@ def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
     if h < ch or w < cw:  # pad like transformers does for images smaller than the crop
         ph, pw = max(ch, h), max(cw, w)
         padded = np.zeros((ph, pw, arr.shape[2]), dtype=arr.dtype)
-        top, left = (ph - h) // 2, (pw - w) // 2
+        top, left = (ph - h + 1) // 2, (pw - w + 1) // 2  # transformers rounds the pad up: ceil(diff / 2)
         padded[top : top + h, left : left + w] = arr
         arr, h, w = padded, ph, pw
     top, left = (h - ch) // 2, (w - cw) // 2

@@ -301,6 +301,8 @@ class VectorStore:
                where: Optional[Mapping[str, Any]] = None) -> List[List[Tuple[Record, float]]]:
         """Top-``limit`` cosine matches per query, best first, among rows matching ``where``."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        norms = np.linalg.norm(queries, axis=-1, keepdims=True)  # scores are cosines whatever the query's length
+        queries = queries / np.where(norms > 0, norms, 1).astype(np.float32)
         if limit < 1:
             raise StoreError(f"limit must be at least 1, got {limit}")
         with self._lock:
