@@ -6,37 +6,60 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 from docarray import DocList
 from jina import Executor, requests
 
 from executors.clip_model import batched, check_positive_int, default_model, image_embeddings, load_clip
-from executors.docs import STATUS_FAILED, ImageInput
+from executors.docs import STATUS_FAILED, Hit, ImageInput, TextQuery
 from executors.imaging import ImageError, Preprocess, SourceInfo, array_to_image, decode_image, preprocess, read_source
 from executors.params import request_options, traverse
 
 logger = logging.getLogger(__name__)
 
+# With draft decoding a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale whose short side is
+# still at least DRAFT_FACTOR times the model's resize target, so the bicubic resize that follows
+# still shrinks the picture at least this much (benchmarks/index_throughput.py measures what it costs).
+DRAFT_FACTOR = 2
 
-def prepare(doc: ImageInput, recipe: Preprocess, *, url_timeout: float, max_bytes: int, draft: bool):
-    """One document -> (pixel array, width, height, source info or None). Raises ImageError."""
+
+def prepare(doc: ImageInput, recipe: Preprocess, *, url_timeout: float, max_bytes: int, draft: bool,
+            timings: Optional[Dict[str, float]] = None, allow_private_urls: bool = False,
+            allowed_roots: Optional[Sequence[str]] = None):
+    """One document -> (pixel array, width, height, source info or None). Raises ImageError.
+
+    ``timings``, if given, gets the seconds spent reading, decoding and preprocessing added to it
+    (the original width and height are reported even when the JPEG was decoded at a reduced scale).
+    """
     info: Optional[SourceInfo] = None
-    name = doc.uri or (str(doc.url) if doc.url else f"document {doc.id}")
-    draft_size = recipe.shortest_edge if draft else None
+    name = getattr(doc, "uri", None) or (str(doc.url) if doc.url else f"document {doc.id}")
+    draft_size = recipe.shortest_edge * DRAFT_FACTOR if draft else None
+    t0 = time.perf_counter()
     if doc.tensor is not None:
+        t1 = t0
         img = array_to_image(np.asarray(doc.tensor), name)
     elif doc.bytes_:
         info = SourceInfo(uri=name, data=bytes(doc.bytes_))
+        t1 = time.perf_counter()
         img = decode_image(info.data, name, draft_size=draft_size)
     elif doc.url:
-        info = read_source(str(doc.url), timeout=url_timeout, max_bytes=max_bytes)
+        info = read_source(str(doc.url), timeout=url_timeout, max_bytes=max_bytes,
+                           allow_private=allow_private_urls, allowed_roots=allowed_roots)
+        t1 = time.perf_counter()
         img = decode_image(info.data, name, draft_size=draft_size)
     else:
         raise ImageError(f"{name}: has no url, bytes_ or tensor to read an image from")
-    width, height = img.size
-    return preprocess(img, recipe), width, height, info
+    width, height = getattr(img, "original_size", None) or img.size
+    t2 = time.perf_counter()
+    pixels = preprocess(img, recipe)
+    if timings is not None:
+        t3 = time.perf_counter()
+        timings["read"] = timings.get("read", 0.0) + (t1 - t0)
+        timings["decode"] = timings.get("decode", 0.0) + (t2 - t1)
+        timings["preprocess"] = timings.get("preprocess", 0.0) + (t3 - t2)
+    return pixels, width, height, info
 
 
 def prefetch(pool: ThreadPoolExecutor, fn, items, window: int) -> Iterator:
@@ -62,7 +85,9 @@ class CLIPImageEncoder(Executor):
     """Embeds images with a transformers ``CLIPModel``.
 
     Every constructor argument is a default that a request may override under the same
-    name in ``parameters``. A document that cannot be read or decoded gets ``status``
+    name in ``parameters``. ``draft_decode`` (on by default) decodes big JPEGs at a reduced
+    scale that still leaves DRAFT_FACTOR times the model's input size; benchmarks/index_throughput.py
+    measures its speed and that embeddings stay within a cosine of 1e-5 of a full decode. A document that cannot be read or decoded gets ``status``
     ``failed`` and an ``error`` naming it; the rest of the batch is embedded.
     """
 
@@ -74,10 +99,12 @@ class CLIPImageEncoder(Executor):
         dtype: str = "float32",
         access_paths: str = "@r",
         num_workers: Optional[int] = None,
-        draft_decode: bool = False,
+        draft_decode: bool = True,
         url_timeout: float = 10.0,
         max_download_bytes: int = 50 * 2**20,
         keep_pixels: bool = False,
+        allow_private_urls: bool = False,
+        allowed_roots: Optional[Sequence[str]] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -91,7 +118,10 @@ class CLIPImageEncoder(Executor):
             url_timeout=float(url_timeout),
             max_download_bytes=int(max_download_bytes),
             keep_pixels=bool(keep_pixels),
+            allow_private_urls=_flag(allow_private_urls),
         )
+        # Not a request option: a client must not widen the folders the server reads from.
+        self.allowed_roots = _roots(allowed_roots)
         workers = num_workers or min(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipseek-decode")
         self._load(self.defaults)
@@ -102,16 +132,68 @@ class CLIPImageEncoder(Executor):
     @requests(on="/index")
     def encode(self, docs: DocList[ImageInput], parameters: Optional[Dict] = None, **kwargs) -> DocList[ImageInput]:
         options = request_options(self.defaults, parameters)
+        self._embed([d for d in traverse(docs, options["access_paths"]) if d.embedding is None], options)
+        return docs
+
+    @requests(on="/search")
+    def encode_queries(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None,
+                       **kwargs) -> DocList[TextQuery]:
+        """Query by example: the image of a query without text, and the image parts of any query."""
+        options = request_options(self.defaults, parameters)
+        targets = []
+        for doc in docs:
+            for item in [doc, *doc.parts]:
+                has_image = item.url or item.bytes_ or item.tensor is not None
+                if item.embedding is None and has_image and not (item.text or "").strip():
+                    targets.append(item)
+        if targets:
+            self._embed(targets, {**options, "keep_pixels": False})
+        return docs
+
+    @requests(on="/classify")
+    def classify(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None, **kwargs) -> DocList[TextQuery]:
+        """Zero-shot labels: the query image against its label parts (embedded by the text encoder),
+        as probabilities (softmax over the model's logit scale), best first in ``matches``."""
+        options = request_options(self.defaults, parameters)
+        targets = [d for d in docs if not d.error and d.embedding is None and (d.url or d.bytes_ or d.tensor is not None)]
+        self._embed(targets, {**options, "keep_pixels": False})
+        scale = float(self._load(options).model.logit_scale.exp())
+        for doc in docs:
+            labels = [p for p in doc.parts if p.embedding is not None]
+            if doc.error:
+                continue
+            if doc.embedding is None:
+                doc.error = "classify needs an image (url, bytes_ or tensor)"
+            elif not labels:
+                doc.error = "classify needs at least one label"
+            else:
+                logits = scale * (np.stack([np.asarray(p.embedding) for p in labels]) @ np.asarray(doc.embedding))
+                probs = np.exp(logits - logits.max())
+                probs /= probs.sum()
+                order = np.argsort(-probs, kind="stable")
+                doc.matches = DocList[Hit]([Hit(id=labels[i].text, score=float(probs[i]), tags={"label": labels[i].text})
+                                            for i in order])
+            doc.embedding = None
+            for part in doc.parts:
+                part.embedding = None
+        return docs
+
+    def _embed(self, targets, options) -> None:
+        """Embed ``targets`` in batches, decoding ahead of the model; a document that fails gets its error."""
         batch_size = check_positive_int("batch_size", options["batch_size"])
         clip = self._load(options)
         recipe = Preprocess.from_processor_config(clip.processor_config)
-        targets = [d for d in traverse(docs, options["access_paths"]) if d.embedding is None]
 
         def work(doc):
-            return prepare(doc, recipe, url_timeout=options["url_timeout"],
-                           max_bytes=options["max_download_bytes"], draft=options["draft_decode"])
+            spent: Dict[str, float] = {}
+            # request parameters arrive through protobuf, where every number is a float
+            result = prepare(doc, recipe, url_timeout=float(options["url_timeout"]),
+                             max_bytes=int(options["max_download_bytes"]), draft=_flag(options["draft_decode"]),
+                             timings=spent,
+                             allow_private_urls=_flag(options["allow_private_urls"]), allowed_roots=self.allowed_roots)
+            return result, spent
 
-        timings = {"prepare_wait": 0.0, "model": 0.0}
+        timings = {"prepare_wait": 0.0, "model": 0.0, "read": 0.0, "decode": 0.0, "preprocess": 0.0}
         results = prefetch(self._pool, work, targets, window=2 * batch_size)
         failed = 0
         for batch in batched(targets, batch_size):
@@ -121,16 +203,21 @@ class CLIPImageEncoder(Executor):
                 result = next(results)
                 if isinstance(result, Exception):
                     failed += 1
-                    doc.status, doc.error = STATUS_FAILED, _describe(result)
+                    if hasattr(doc, "status"):
+                        doc.status = STATUS_FAILED
+                    doc.error = _describe(result)
                     logger.warning("skipped %s", doc.error)
                     continue
-                pixels, width, height, info = result
-                doc.width, doc.height = width, height
-                if info is not None:
-                    doc.uri = doc.uri or info.uri
-                    doc.content_hash = info.content_hash
-                    doc.size = info.size
-                    doc.mtime = doc.mtime if info.mtime is None else info.mtime
+                (pixels, width, height, info), spent = result
+                for stage, seconds in spent.items():
+                    timings[stage] += seconds
+                if isinstance(doc, ImageInput):
+                    doc.width, doc.height = width, height
+                    if info is not None:
+                        doc.uri = doc.uri or info.uri
+                        doc.content_hash = info.content_hash
+                        doc.size = info.size
+                        doc.mtime = doc.mtime if info.mtime is None else info.mtime
                 ready.append(doc)
                 arrays.append(pixels)
             t1 = time.perf_counter()
@@ -144,13 +231,30 @@ class CLIPImageEncoder(Executor):
                         doc.tensor, doc.bytes_ = None, None
             timings["prepare_wait"] += t1 - t0
             timings["model"] += time.perf_counter() - t1
-        logger.info("encoded %d images (%d failed): waited %.3f s for pixels, %.3f s in the model",
-                    len(targets) - failed, failed, timings["prepare_wait"], timings["model"])
-        return docs
+        logger.info("encoded %d images (%d failed): waited %.3f s for pixels, %.3f s in the model; "
+                    "decode threads spent %.3f s reading, %.3f s decoding, %.3f s preprocessing",
+                    len(targets) - failed, failed, timings["prepare_wait"], timings["model"],
+                    timings["read"], timings["decode"], timings["preprocess"])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         super().close()
+
+
+def _flag(value) -> bool:
+    """A boolean option as it may arrive in request parameters (true / "true" / 1)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _roots(roots) -> Optional[List[str]]:
+    """``allowed_roots`` as real absolute folder paths (a string may hold several, os.pathsep-separated)."""
+    if roots is None:
+        return None
+    if isinstance(roots, str):
+        roots = [r for r in roots.split(os.pathsep) if r]
+    return [os.path.realpath(os.path.expanduser(os.fspath(r))) for r in roots]
 
 
 def _describe(error: Exception) -> str:

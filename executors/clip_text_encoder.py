@@ -20,8 +20,8 @@ class CLIPTextEncoder(Executor):
     """Embeds texts with a transformers ``CLIPModel``: at most ``max_length`` tokens
     (77 for CLIP), truncated, padded to the longest text of the batch.
 
-    A document with an empty text gets an ``error`` and no embedding; a document that
-    already carries an embedding is left as it is.
+    The query's weighted ``parts`` with a text are embedded too. A document without text (an
+    image query, or an empty one) and one that already carries an embedding are left as they are.
     """
 
     def __init__(
@@ -32,6 +32,7 @@ class CLIPTextEncoder(Executor):
         dtype: str = "float32",
         access_paths: str = "@r",
         max_length: int = 77,
+        template: str = "a photo of a {}",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -42,6 +43,7 @@ class CLIPTextEncoder(Executor):
             dtype=dtype,
             access_paths=access_paths,
             max_length=check_positive_int("max_length", max_length),
+            template=template,
         )
         self._load(self.defaults)
 
@@ -51,20 +53,34 @@ class CLIPTextEncoder(Executor):
     @requests(on="/search")
     def encode(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None, **kwargs) -> DocList[TextQuery]:
         options = request_options(self.defaults, parameters)
-        clip = self._load(options)
         targets = []
         for doc in traverse(docs, options["access_paths"]):
-            if doc.embedding is not None:
-                continue
-            text = (doc.text or "").strip()
-            if not text:
-                doc.error = "empty query: give some text to search for"
-                continue
-            targets.append((doc, text[:MAX_QUERY_CHARS]))
+            for item in [doc, *(getattr(doc, "parts", None) or [])]:
+                text = (item.text or "").strip()
+                if item.embedding is None and text:  # no text: an image query, or an empty one the indexer answers
+                    targets.append((item, text[:MAX_QUERY_CHARS]))
+        self._embed(targets, options)
+        return docs
+
+    @requests(on="/classify")
+    def encode_labels(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None, **kwargs) -> DocList[TextQuery]:
+        """Zero-shot labels: each query's ``parts`` are label names, embedded as ``template.format(label)``."""
+        options = request_options(self.defaults, parameters)
+        template = str(options["template"])
+        if "{}" not in template:
+            for doc in docs:
+                doc.error = f"template {template!r} has no {{}} for the label"
+            return docs
+        targets = [(part, template.format(part.text.strip())[:MAX_QUERY_CHARS])
+                   for doc in docs for part in doc.parts if (part.text or "").strip()]
+        self._embed(targets, options)
+        return docs
+
+    def _embed(self, targets, options) -> None:
+        clip = self._load(options)
         for batch in batched(targets, check_positive_int("batch_size", options["batch_size"])):
             vectors = text_embeddings(clip, [text for _, text in batch], max_length=options["max_length"])
             for (doc, _), vector in zip(batch, vectors):
                 doc.embedding = vector
                 doc.embedding_model = clip.name
         logger.debug("encoded %d texts", len(targets))
-        return docs

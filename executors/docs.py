@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 
 from docarray import BaseDoc, DocList
 from docarray.documents import ImageDoc, TextDoc
+from docarray.typing import AnyEmbedding, AnyTensor, ImageUrl
 
 STATUS_INDEXED = "indexed"
 STATUS_UNCHANGED = "unchanged"
@@ -44,9 +45,28 @@ class Hit(BaseDoc):
     size: Optional[int] = None
 
 
-class TextQuery(TextDoc):
-    """A text to embed and search with; the answer comes back in ``matches``."""
+class QueryPart(BaseDoc):
+    """One more part of a query, added with its ``weight`` (negative to move away from it):
+    a ``text``, or an image as ``url`` / ``bytes_`` / ``tensor``."""
 
+    text: Optional[str] = None
+    url: Optional[str] = None
+    bytes_: Optional[bytes] = None
+    tensor: Optional[AnyTensor] = None
+    weight: float = 1.0
+    embedding: Optional[AnyEmbedding] = None
+    embedding_model: Optional[str] = None
+    error: Optional[str] = None
+
+
+class TextQuery(TextDoc):
+    """A query: a ``text``, or an image (``url`` / ``bytes_`` / ``tensor``), plus optional weighted
+    ``parts``; the answer comes back in ``matches``. Liked and disliked results are named by id in
+    the request parameters ``like`` / ``unlike``."""
+
+    url: Optional[ImageUrl] = None  # the query image (TextDoc's url would only take text files)
+    tensor: Optional[AnyTensor] = None
+    parts: DocList[QueryPart] = DocList[QueryPart]()
     matches: DocList[Hit] = DocList[Hit]()
     embedding_model: Optional[str] = None
     error: Optional[str] = None

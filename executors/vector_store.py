@@ -3,10 +3,13 @@
 Layout of a store folder (created user-only, 0700 / 0600):
 
 - ``vectors.f32``: rows of ``dim`` float32, row ``r`` at byte ``r * dim * 4``; the file
-  grows in chunks and is only ever read through a read-only memory map.
+  grows in chunks and is only ever read through a read-only memory map. A store made with
+  ``dtype="float16"`` keeps ``vectors.f16`` instead (half the bytes, row ``r`` at
+  ``r * dim * 2``); its dtype is recorded in ``meta`` so every later opener reads it right,
+  and the scan converts each chunk to float32 before the dot products.
 - ``meta.sqlite`` (WAL mode): table ``rows`` (one per live document: row number, id,
-  uri, tags, file facts) and table ``meta`` (schema version, dim, model, high-water
-  row count, generation).
+  uri, tags, file facts) and table ``meta`` (schema version, dim, model, storage dtype,
+  high-water row count, generation).
 - ``write.lock``: held (flock) by the one process that writes.
 
 Commit protocol, so that a kill at any moment leaves a consistent store: new vectors are
@@ -26,6 +29,7 @@ import os
 import sqlite3
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -35,6 +39,13 @@ from executors import filters
 
 SCHEMA_VERSION = 1
 VECTORS_FILE = "vectors.f32"
+VECTORS_FILE_F16 = "vectors.f16"
+# storage dtype name -> (file name, numpy dtype); a store without a recorded dtype is float32.
+STORAGE = {"float32": (VECTORS_FILE, np.float32), "float16": (VECTORS_FILE_F16, np.float16)}
+_DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "f32": "float32", "float16": "float16", "fp16": "float16",
+                  "f16": "float16", "half": "float16"}
+# Rows per chunk of a float16 scan.
+F16_CHUNK_ROWS = 65536
 DB_FILE = "meta.sqlite"
 LOCK_FILE = "write.lock"
 META_COLUMNS = ("uri", "tags", "content_hash", "mtime", "size", "width", "height", "indexed_at")
@@ -68,12 +79,22 @@ class Record:
 class VectorStore:
     """Exact cosine search over unit vectors kept on disk."""
 
-    def __init__(self, path: str, *, growth_rows: int = 16384, chunk_rows: int = 65536):
+    def __init__(self, path: str, *, growth_rows: int = 16384, chunk_rows: int = 65536,
+                 dtype: Optional[str] = None):
+        """``dtype`` (``float32`` or ``float16``) is the storage type of a new or empty store;
+        ``None`` keeps what the store records (float32 for a new one). Asking an index that already
+        holds vectors for another dtype raises StoreError."""
         self.path = os.path.abspath(path)
+        self._requested_dtype = storage_dtype_name(dtype) if dtype is not None else None
         self.growth_rows = int(growth_rows)
         self.chunk_rows = int(chunk_rows)
+        self.f16_chunk_rows = F16_CHUNK_ROWS
+        # What multiplies the chunks: "numpy", "torch", or "auto" = numpy's BLAS for float32 rows and torch
+        # (when installed) for float16 rows, which it multiplies without widening them first
+        # (benchmarks/indexer_bench.py times both).
+        self.scan = "auto"
         os.makedirs(self.path, mode=0o700, exist_ok=True)
-        self._vectors_path = os.path.join(self.path, VECTORS_FILE)
+        _make_private(self.path)  # a folder made by someone else first (jina makes the executor's workspace) too
         db_path = os.path.join(self.path, DB_FILE)
         _touch_private(db_path)
         self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -83,6 +104,7 @@ class VectorStore:
         self._write_fd: Optional[int] = None
         self._lock_fd: Optional[int] = None
         self._capacity = 0
+        self._write_dtype: Optional[str] = None
         self._generation: Optional[int] = None
         self._view: Optional[np.ndarray] = None
         self._live = np.zeros(0, dtype=bool)
@@ -100,6 +122,15 @@ class VectorStore:
             self._db.execute("CREATE INDEX IF NOT EXISTS rows_uri ON rows(uri)")
             for key, value in (("schema_version", SCHEMA_VERSION), ("high_water", 0), ("generation", 0)):
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, str(value)))
+            wanted = self._requested_dtype
+            if wanted is not None and wanted != self._meta("dtype"):
+                have, committed = self.dtype, int(self._meta("high_water") or 0)
+                if committed and have != wanted:
+                    raise StoreError(
+                        f"index at {self.path} stores {have} vectors; it cannot be opened as {wanted} while it "
+                        f"holds vectors. Use another workspace, or clear the index first"
+                    )
+                self._set_meta("dtype", wanted)  # an empty store takes the dtype it is asked for
         version = int(self._meta("schema_version"))
         if version != SCHEMA_VERSION:
             raise StoreError(
@@ -108,10 +139,12 @@ class VectorStore:
             )
         high_water, dim = int(self._meta("high_water")), self.dim
         if dim and high_water:
-            needed = high_water * dim * 4
-            have = os.path.getsize(self._vectors_path) if os.path.exists(self._vectors_path) else 0
+            file_name, np_dtype = STORAGE[self.dtype]
+            path = os.path.join(self.path, file_name)
+            needed = high_water * dim * np.dtype(np_dtype).itemsize
+            have = os.path.getsize(path) if os.path.exists(path) else 0
             if have < needed:
-                raise StoreError(f"index at {self.path} is damaged: {VECTORS_FILE} holds {have} bytes, "
+                raise StoreError(f"index at {self.path} is damaged: {file_name} holds {have} bytes, "
                                  f"{high_water} committed rows need {needed}")
 
     def _transaction(self, immediate: bool = True):
@@ -128,6 +161,14 @@ class VectorStore:
     def dim(self) -> Optional[int]:
         value = self._meta("dim")
         return int(value) if value else None
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype of the vectors: ``float32`` (also for stores made before dtypes existed) or ``float16``."""
+        value = self._meta("dtype")
+        if value and value not in STORAGE:
+            raise StoreError(f"index at {self.path} records storage dtype {value!r}, which this clipseek cannot read")
+        return value or "float32"
 
     @property
     def model(self) -> Optional[str]:
@@ -164,21 +205,29 @@ class VectorStore:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
 
-    def _open_vectors_for_write(self) -> int:
+    def _vectors_file(self, dtype: str) -> str:
+        return os.path.join(self.path, STORAGE[dtype][0])
+
+    def _open_vectors_for_write(self, dtype: str) -> int:
+        if self._write_fd is not None and self._write_dtype != dtype:
+            os.close(self._write_fd)
+            self._write_fd = None
         if self._write_fd is None:
-            self._write_fd = os.open(self._vectors_path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._write_fd = os.open(self._vectors_file(dtype), os.O_RDWR | os.O_CREAT, 0o600)
+            self._write_dtype = dtype
             self._capacity = 0
         return self._write_fd
 
-    def _ensure_capacity(self, rows: int, dim: int) -> None:
-        fd = self._open_vectors_for_write()
-        current = os.fstat(fd).st_size // (dim * 4)
+    def _ensure_capacity(self, rows: int, dim: int, dtype: str) -> None:
+        fd = self._open_vectors_for_write(dtype)
+        row_bytes = dim * np.dtype(STORAGE[dtype][1]).itemsize
+        current = os.fstat(fd).st_size // row_bytes
         if current >= rows:
             self._capacity = current
             return
         grown = max(rows, current + self.growth_rows)
         grown = -(-grown // self.growth_rows) * self.growth_rows
-        os.ftruncate(fd, grown * dim * 4)
+        os.ftruncate(fd, grown * row_bytes)
         self._capacity = grown
 
     def check_compatible(self, dim: int, model: Optional[str]) -> None:
@@ -216,13 +265,17 @@ class VectorStore:
         with self._lock:
             self._acquire_writer()
             high_water = int(self._meta("high_water"))
-            self._ensure_capacity(high_water + n, dim)
-            fd = self._open_vectors_for_write()
-            _pwrite_all(fd, vectors.tobytes(), high_water * dim * 4)
+            dtype = self.dtype
+            np_dtype = STORAGE[dtype][1]
+            self._ensure_capacity(high_water + n, dim, dtype)
+            fd = self._open_vectors_for_write(dtype)
+            _pwrite_all(fd, vectors.astype(np_dtype, copy=False).tobytes(), high_water * dim * np.dtype(np_dtype).itemsize)
             os.fdatasync(fd)
             now = time.time()
             with self._transaction():
                 self.check_compatible(dim, model)
+                if self.dtype != dtype:  # another opener switched the (then empty) store meanwhile
+                    raise StoreError(f"index at {self.path} changed its storage dtype to {self.dtype} during this write; retry")
                 if not self.dim:
                     self._set_meta("dim", dim)
                 if model and not self.model:
@@ -270,9 +323,10 @@ class VectorStore:
                 self._set_meta("high_water", 0)
                 self._bump_generation()
             # A fresh file replaces the old one; readers keep their map of the old one until they re-map.
-            tmp = self._vectors_path + ".new"
+            vectors_path = self._vectors_file(self.dtype)
+            tmp = vectors_path + ".new"
             os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600))
-            os.replace(tmp, self._vectors_path)
+            os.replace(tmp, vectors_path)
             if self._write_fd is not None:
                 os.close(self._write_fd)
                 self._write_fd = None
@@ -288,12 +342,13 @@ class VectorStore:
             generation = int(self._meta("generation"))
             high_water = int(self._meta("high_water"))
             dim = self.dim
+            dtype = self.dtype
             rows = np.fromiter((r for (r,) in self._db.execute("SELECT row FROM rows")), dtype=np.int64)
         live = np.zeros(high_water, dtype=bool)
         live[rows] = True
         view = None
         if high_water and dim:
-            view = np.memmap(self._vectors_path, dtype=np.float32, mode="r", shape=(high_water, dim))
+            view = np.memmap(self._vectors_file(dtype), dtype=STORAGE[dtype][1], mode="r", shape=(high_water, dim))
         self._view, self._live, self._generation = view, live, generation
         return view, live
 
@@ -329,14 +384,39 @@ class VectorStore:
 
     def _top_k(self, view, mask, queries, limit, min_score):
         m = len(queries)
-        q = np.ascontiguousarray(queries.T)
+        half = view.dtype == np.float16
+        scan = self.scan
+        if scan == "auto":  # the faster one for this storage dtype (benchmarks/indexer_bench.py)
+            scan = "torch" if half and _torch() is not None else "numpy"
+        torch = _torch() if scan == "torch" else None
+        if torch is None and scan == "torch":
+            raise StoreError("scan='torch' needs torch installed")
+        # One query: a matrix-vector product (gemv), the fastest pass over a memory-bound chunk.
+        q = np.ascontiguousarray(queries[0]) if m == 1 else np.ascontiguousarray(queries.T)
+        chunk_rows = self.f16_chunk_rows if half else self.chunk_rows
+        buf = None
+        if torch is not None:
+            # float16 rows are multiplied as they are stored (float32 accumulation, float16 scores)
+            q = torch.from_numpy(q.astype(np.float16) if half else q)
+        elif half:  # numpy has no fast float16 product: widen each chunk into a float32 buffer first
+            buf = np.empty((min(chunk_rows, len(view)), view.shape[1]), dtype=np.float32)
         cand_scores, cand_rows = [], []
-        for start in range(0, len(view), self.chunk_rows):
-            stop = min(start + self.chunk_rows, len(view))
+        for start in range(0, len(view), chunk_rows):
+            stop = min(start + chunk_rows, len(view))
             block_mask = mask[start:stop]
             if not block_mask.any():
                 continue
-            scores = np.asarray(view[start:stop]) @ q  # (rows, m)
+            block = np.asarray(view[start:stop])
+            if torch is not None:
+                block = _tensor(torch, block)
+                scores = (torch.mv(block, q) if m == 1 else block @ q).float().numpy()
+            else:
+                if buf is not None:
+                    np.copyto(buf[: stop - start], block, casting="unsafe")
+                    block = buf[: stop - start]
+                scores = block @ q  # (rows,) for one query, else (rows, m)
+            if m == 1:
+                scores = scores[:, None]
             if not block_mask.all():
                 scores[~block_mask] = -np.inf
             k = min(limit, stop - start)
@@ -396,7 +476,7 @@ class VectorStore:
                 part = ids[start : start + 500]
                 found.update(self._db.execute(
                     f"SELECT id, row FROM rows WHERE id IN ({','.join('?' * len(part))})", part).fetchall())
-            return {i: np.array(view[r]) for i, r in found.items() if r < len(view)}
+            return {i: np.array(view[r], dtype=np.float32) for i, r in found.items() if r < len(view)}
 
     def iter_records(self, batch: int = 1000) -> Iterable[Tuple[int, Record]]:
         """Every live (row, record), in row order."""
@@ -410,6 +490,12 @@ class VectorStore:
             for row in rows:
                 yield row[0], _record(row[1:])
             last = rows[-1][0]
+
+    def page_by_id(self, after_id: str = "", limit: int = 1000) -> List[Record]:
+        """Up to ``limit`` records with ids above ``after_id``, in id order (stable paging)."""
+        rows = self._db.execute(f"SELECT id, {', '.join(META_COLUMNS)} FROM rows WHERE id > ? ORDER BY id LIMIT ?",
+                                (after_id, int(limit))).fetchall()
+        return [_record(row) for row in rows]
 
     def status(self) -> Dict[str, Any]:
         return {"count": self.count, "dim": self.dim, "model": self.model, "bytes_on_disk": self.bytes_on_disk(),
@@ -441,9 +527,50 @@ class _Transaction:
         return False
 
 
+_TORCH: Any = None
+
+
+def _torch():
+    """The torch module, or None where it is not installed (the store then scans with numpy alone)."""
+    global _TORCH
+    if _TORCH is None:
+        try:
+            import torch
+        except ImportError:
+            _TORCH = False
+        else:
+            _TORCH = torch
+    return _TORCH or None
+
+
+def _tensor(torch, array: np.ndarray):
+    """A tensor sharing the memory of a (read-only, memory-mapped) array; it is only ever read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def storage_dtype_name(dtype: Any) -> str:
+    """``float32`` or ``float16`` for any spelling of them (numpy dtypes too); anything else is refused."""
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype.lower().replace("numpy.", "").replace("torch.", "")
+    if name not in _DTYPE_ALIASES:
+        raise StoreError(f"storage dtype {dtype!r} is not one of float32, float16")
+    return _DTYPE_ALIASES[name]
+
+
 def _record(row: Sequence[Any]) -> Record:
     rid, uri, tags, content_hash, mtime, size, width, height, indexed_at = row
     return Record(rid, uri, json.loads(tags or "{}"), content_hash, mtime, size, width, height, indexed_at)
+
+
+def _make_private(folder: str) -> None:
+    """Take group and other permissions off ``folder`` (the store's own folder: the index is the user's alone)."""
+    try:
+        mode = os.stat(folder).st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(folder, mode & 0o700)
+    except OSError as e:
+        logger.warning("cannot make %s private (%s): its files stay user-only", folder, e)
 
 
 def _touch_private(path: str) -> None:

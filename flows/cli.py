@@ -29,6 +29,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (float16 on cuda only)")
     g.add_argument("--batch-size", type=int, help="images per model call (env CLIPSEEK_BATCH_SIZE, default 32)")
     g.add_argument("--workspace", help="folder of the index files (env CLIPSEEK_WORKSPACE, default ./workspace of the project)")
+    g.add_argument("--shards", type=int, help="indexer shards in both flows (env CLIPSEEK_SHARDS, default 1 as in the YAML)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,21 +42,71 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--bind", metavar="HOST", help="listen on this host instead of 127.0.0.1 (e.g. 0.0.0.0 for every "
                                                   "interface; anyone who can reach it can index and search)")
+    p.add_argument("--allow-root", dest="allowed_roots", action="append", metavar="DIR",
+                   help="read local paths sent by clients only under this folder (repeatable; env "
+                        "CLIPSEEK_ALLOWED_ROOTS, os.pathsep-separated; default: anywhere)")
 
     p = sub.add_parser("index", help="index images: folders (recursive), globs, files, URLs")
     p.add_argument("sources", nargs="+", help="folder, glob, image file, or http(s)/file/data URL")
     p.add_argument("--batch-size", type=int, default=32, help="documents per request (default 32)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="tag stored with every image")
     p.add_argument("--force", action="store_true", help="re-index files even when unchanged")
+    p.add_argument("--prune", action="store_true", help="remove indexed files under the given folders that are gone")
+    p.add_argument("--watch", action="store_true", help="keep indexing new and changed files until Ctrl-C")
     _add_connection(p)
 
     p = sub.add_parser("search", help="find the images that best match a text")
-    p.add_argument("text", help="what to look for, e.g. 'a black cat'")
+    p.add_argument("text", nargs="?", help="what to look for, e.g. 'a black cat' (optional with --image or --like)")
+    p.add_argument("--image", help="search by example: an image file or URL (with a text, both count)")
+    p.add_argument("--plus", action="append", default=[], metavar="TEXT|IMAGE", help="move towards this text or image")
+    p.add_argument("--minus", action="append", default=[], metavar="TEXT|IMAGE", help="move away from this text or image")
+    p.add_argument("--like", action="append", default=[], metavar="ID", help="id of a result you liked (feedback round)")
+    p.add_argument("--unlike", action="append", default=[], metavar="ID", help="id of a result you did not like")
+    p.add_argument("--weight", action="append", default=[], metavar="NAME=VALUE",
+                   help="query_weight, plus_weight, minus_weight, like_weight, unlike_weight (defaults 1, 1, 0.5, 0.75, 0.25)")
     p.add_argument("-k", "--limit", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--min-score", type=float, help="drop results scoring below this cosine")
     p.add_argument("--filter", help='JSON metadata filter, e.g. \'{"label": "cat", "width": {"$gte": 640}}\'')
     p.add_argument("--plot", metavar="PNG", help="save a grid of the hits with their scores")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
+    _add_connection(p)
+
+    p = sub.add_parser("demo", help="offline walkthrough: generate pictures, serve, index, search, plot")
+    p.add_argument("--model", help="CLIP model (default: the shipped data/models/clipseek-demo)")
+    p.add_argument("--images", help="index this folder instead of generated pictures")
+    p.add_argument("--query", action="append", help="query to run (repeatable; default: five demo queries)")
+    p.add_argument("-k", "--limit", type=int, default=5)
+    p.add_argument("-n", "--count", type=int, default=240, help="pictures to generate (default 240)")
+    p.add_argument("--plot", default="demo-hits.png", help="where to save the grid of hits (default demo-hits.png)")
+    p.add_argument("--device", help="cpu, cuda ... (default cuda if available)")
+    p.add_argument("--workspace", help="folder for the demo's pictures and index (default workspace/demo)")
+
+    p = sub.add_parser("train-demo-model", help="train the small demo CLIP on the generated picture world (CPU)")
+    p.add_argument("--out", default=None, help="output folder (default data/models/clipseek-demo)")
+    p.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget (default 12)")
+    p.add_argument("--steps", type=int, help="train exactly this many steps instead")
+    p.add_argument("--pool", type=int, default=24000, help="training pictures rendered up front")
+
+    p = sub.add_parser("snapshot", help="write the index to one portable file, or restore it from one")
+    p.add_argument("action", choices=["create", "restore"])
+    p.add_argument("file", help="snapshot file (.zip)")
+    p.add_argument("--workspace", help="workspace of the index (env CLIPSEEK_WORKSPACE, default ./workspace of the project)")
+    p.add_argument("--shard", type=int, default=0, help="shard of the index (default 0)")
+
+    p = sub.add_parser("export", help="write Kubernetes or docker compose manifests of both flows")
+    p.add_argument("kind", choices=["kubernetes", "docker-compose"])
+    p.add_argument("out", help="output folder")
+    p.add_argument("--image-prefix", default="clipseek", help="registry/prefix of the executor images (default clipseek)")
+    p.add_argument("--tag", default="0.1.0", help="image tag (default 0.1.0)")
+    p.add_argument("--shards", type=int, help="indexer shards (default: as in the flow YAMLs)")
+    p.add_argument("--model", help="CLIP model the encoders load inside their containers")
+
+    p = sub.add_parser("classify", help="zero-shot labels for an image, with probabilities")
+    p.add_argument("image", help="image file or URL")
+    p.add_argument("--labels", help="comma-separated labels, e.g. 'cat,dog,car'")
+    p.add_argument("--labels-file", help="file with one label per line")
+    p.add_argument("--template", help="prompt template with {} for the label (default 'a photo of a {}')")
+    p.add_argument("--json", action="store_true")
     _add_connection(p)
 
     p = sub.add_parser("status", help="count, dimension, model and size of the index")
@@ -74,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args) -> Settings:
     s = Settings()
-    for name in ("host", "index_port", "search_port", "model", "device", "dtype", "batch_size", "workspace"):
+    for name in ("host", "index_port", "search_port", "model", "device", "dtype", "batch_size", "workspace",
+                 "allowed_roots"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(s, name, value)
@@ -131,20 +183,37 @@ def _parse_tags(pairs: List[str]) -> dict:
 
 
 def cmd_index(args) -> int:
-    from tqdm import tqdm
-
-    from flows.client import expand_sources
-
     client = _client(args)
     tags = _parse_tags(args.tag)
-    total = len(expand_sources(args.sources))
-    with tqdm(total=total, unit="img", desc="indexing", disable=None) as bar:
-        report = client.index(args.sources, batch_size=args.batch_size, tags=tags, force=args.force,
-                              progress=bar.update)
-    print(f"indexed {len(report.indexed)}, unchanged {len(report.unchanged)} (skipped), failed {len(report.failed)}")
-    for source, reason in report.failed:
-        print(f"  failed: {source}: {reason}")
+    report = client.index(args.sources, batch_size=args.batch_size, tags=tags, force=args.force,
+                          progress=_progress("indexing"))
+    _print_report(report)
+    if args.prune:
+        gone = client.prune([s for s in args.sources if os.path.isdir(os.path.expanduser(s))])
+        print(f"pruned {len(gone)} (files gone)")
+    if args.watch:
+        import threading
+
+        from flows.watch import watch
+
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        folders = [s for s in args.sources if os.path.isdir(os.path.expanduser(s))]
+        print(f"watching {', '.join(folders)} (Ctrl-C stops)", flush=True)
+        try:
+            watch(client, folders, stop=stop, tags=tags, batch_size=args.batch_size,
+                  on_batch=lambda r, deleted: (_print_report(r), print(f"deleted {deleted}", flush=True)))
+        except KeyboardInterrupt:
+            pass
+        return 0
     return 0 if not report.failed else 1
+
+
+def _print_report(report) -> None:
+    print(f"indexed {len(report.indexed)}, unchanged {len(report.unchanged)} (skipped), failed {len(report.failed)}",
+          flush=True)
+    for source, reason in report.failed:
+        print(f"  failed: {source}: {reason}", flush=True)
 
 
 def cmd_search(args) -> int:
@@ -156,7 +225,21 @@ def cmd_search(args) -> int:
         except json.JSONDecodeError as e:
             print(f"error: --filter is not valid JSON ({e})", file=sys.stderr)
             return 2
-    hits = client.search(args.text, limit=args.limit, min_score=args.min_score, filter=where)
+    weights = {}
+    for pair in args.weight:
+        name, sep, value = pair.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or name not in ("query_weight", "plus_weight", "minus_weight", "like_weight", "unlike_weight"):
+            print(f"error: --weight wants NAME=NUMBER with a known name, got {pair!r}", file=sys.stderr)
+            return 2
+    if not (args.text or args.image or args.like):
+        print("error: give a text, --image or --like", file=sys.stderr)
+        return 2
+    hits = client.search(args.text, limit=args.limit, min_score=args.min_score, filter=where, image=args.image,
+                         plus=args.plus, minus=args.minus, like=args.like, unlike=args.unlike, weights=weights)
     if args.json:
         print(json.dumps([{"rank": i + 1, "id": h.id, "score": round(h.score, 6), "uri": h.uri, "tags": h.tags}
                           for i, h in enumerate(hits)], indent=2))
@@ -164,11 +247,11 @@ def cmd_search(args) -> int:
         if not hits:
             print("no matches")
         for i, hit in enumerate(hits, 1):
-            print(f"{i:>3}  {hit.score:.4f}  {hit.uri or hit.id}")
+            print(f"{i:>3}  {hit.score:.4f}  {hit.uri or hit.id}  [{hit.id}]")
     if args.plot:
         from flows.plotting import plot_hits
 
-        plot_hits(args.text, hits, args.plot)
+        plot_hits(args.text or args.image or "more like this", hits, args.plot)
         if not args.json:
             print(f"saved {args.plot}")
     return 0
@@ -213,7 +296,92 @@ def cmd_clear(args) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "index": cmd_index, "search": cmd_search, "status": cmd_status,
+def _progress(desc: str):
+    """A progress callback ``(n, total)`` that draws one tqdm bar, opened on the first call."""
+    from tqdm import tqdm
+
+    bars = []
+
+    def update(n: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="img", desc=desc, disable=None))
+        bars[0].update(n)
+        if bars[0].n >= total:
+            bars[0].close()
+
+    return update
+
+
+def cmd_demo(args) -> int:
+    from executors.clip_model import ModelLoadError
+    from flows.demo import DEMO_QUERIES, run_demo
+
+    try:
+        run_demo(model=args.model, images=args.images, queries=args.query or DEMO_QUERIES, limit=args.limit,
+                 plot=args.plot, workspace=args.workspace, n=args.count, device=args.device,
+                 progress=_progress("indexing"))
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_train_demo_model(args) -> int:
+    from flows.settings import DEMO_MODEL_DIR
+    from flows.train import train
+
+    train(args.out or DEMO_MODEL_DIR, minutes=args.minutes, max_steps=args.steps, pool_size=args.pool)
+    return 0
+
+
+def cmd_snapshot(args) -> int:
+    """Works on the index files directly: restore needs the servers of this workspace stopped."""
+    from executors import snapshot
+    from executors.vector_store import VectorStore
+
+    folder = os.path.join(_settings(args).workspace, "SimpleIndexer", str(args.shard))
+    if args.action == "create":
+        if not os.path.exists(os.path.join(folder, "meta.sqlite")):
+            print(f"error: no index at {folder}", file=sys.stderr)
+            return 2
+        store = VectorStore(folder)
+        try:
+            manifest = snapshot.create(store, args.file)
+        finally:
+            store.close()
+        print(f"wrote {args.file}: {manifest['count']} documents, {manifest['dim']}-d, model {manifest['model']}")
+    else:
+        manifest = snapshot.restore(args.file, folder)
+        print(f"restored {manifest['count']} documents (model {manifest['model']}) into {folder}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from flows.export import export
+
+    for path in export(args.kind, args.out, prefix=args.image_prefix, tag=args.tag, shards=args.shards, model=args.model):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_classify(args) -> int:
+    labels = [l for l in (args.labels or "").split(",") if l.strip()]
+    if args.labels_file:
+        with open(args.labels_file, encoding="utf-8") as f:
+            labels += [line.strip() for line in f if line.strip()]
+    if not labels:
+        print("error: give --labels or --labels-file", file=sys.stderr)
+        return 2
+    result = _client(args).classify(args.image, labels, template=args.template)
+    if args.json:
+        print(json.dumps([{"label": l, "probability": round(p, 6)} for l, p in result], indent=2))
+    else:
+        for label, p in result:
+            print(f"{p:7.2%}  {label}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "classify": cmd_classify, "snapshot": cmd_snapshot, "export": cmd_export, "train-demo-model": cmd_train_demo_model, "serve": cmd_serve, "index": cmd_index, "search": cmd_search, "status": cmd_status,
             "delete": cmd_delete, "clear": cmd_clear}
 
 

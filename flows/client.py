@@ -15,17 +15,19 @@ import logging
 import os
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from docarray import DocList
 
-from executors.docs import STATUS_FAILED, STATUS_INDEXED, Hit, ImageInput, IndexStatus, KeyDoc, TextQuery
-from executors.imaging import content_hash, is_image_file, local_path, uri_id
+from executors.docs import STATUS_INDEXED, Hit, ImageInput, IndexStatus, KeyDoc, QueryPart, TextQuery
+from executors.imaging import content_hash, is_image_file, local_path, path_uri, uri_id
 from flows.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 URL_PREFIXES = ("http://", "https://", "file://", "data:")
+# Image bytes sent in one request at most (a remote server's gateway refuses requests over 256 MiB).
+MAX_REQUEST_BYTES = 64 * 2**20
 
 
 class ClipseekError(RuntimeError):
@@ -126,10 +128,11 @@ class ClipseekClient:
     # ---- index -------------------------------------------------------------------------
     def index(self, sources: Iterable[str], *, batch_size: int = 64, tags: Optional[Dict[str, Any]] = None,
               force: bool = False, parameters: Optional[dict] = None,
-              progress: Optional[Callable[[int], None]] = None) -> IndexReport:
+              progress: Optional[Callable[[int, int], None]] = None) -> IndexReport:
         """Index files, folders, globs and URLs; unchanged files are skipped unless ``force``.
 
-        ``progress(n)`` is called after each batch with the number of sources it handled.
+        ``progress(n, total)`` is called after each batch with the number of sources it
+        handled and the number of sources in all.
         """
         if isinstance(sources, (str, bytes, os.PathLike)):
             sources = [os.fspath(sources)]
@@ -139,7 +142,7 @@ class ClipseekClient:
             batch = expanded[start : start + batch_size]
             report.merge(self._index_batch(batch, tags=tags, force=force, parameters=parameters))
             if progress:
-                progress(len(batch))
+                progress(len(batch), len(expanded))
         return report
 
     def _index_batch(self, sources: Sequence[str], *, tags, force, parameters) -> IndexReport:
@@ -158,7 +161,9 @@ class ClipseekClient:
             if known is not None and _unchanged(known, path, st):
                 report.unchanged.append(source)
                 continue
-            doc = ImageInput(id=ids[source], uri=source, tags=dict(tags or {}))
+            # a file name that is not UTF-8 travels as a file:// URI that keeps its exact bytes
+            name = path_uri(source) if path is not None else source
+            doc = ImageInput(id=ids[source], uri=name, tags=dict(tags or {}))
             if path is not None and self.send_bytes:
                 try:
                     with open(path, "rb") as f:
@@ -168,10 +173,10 @@ class ClipseekClient:
                     continue
                 doc.mtime, doc.size = st.st_mtime, st.st_size
             else:
-                doc.url = source
+                doc.url = name
             docs.append(doc)
-        if docs:
-            for doc in self._post(self.index_address, "/index", docs, DocList[ImageInput], parameters):
+        for part in _split_by_bytes(docs, MAX_REQUEST_BYTES):
+            for doc in self._post(self.index_address, "/index", part, DocList[ImageInput], parameters):
                 if doc.status == STATUS_INDEXED:
                     report.indexed.append(doc.uri)
                 else:
@@ -182,6 +187,29 @@ class ClipseekClient:
         if not ids:
             return DocList[KeyDoc]()
         return self._post(self.index_address, "/lookup", DocList[KeyDoc]([KeyDoc(id=i) for i in ids]), DocList[KeyDoc])
+
+    def documents(self, page: int = 1000) -> Iterable[KeyDoc]:
+        """Every stored document (id, uri, file facts), paged through ``/list`` in id order."""
+        after = ""
+        while True:
+            batch = self._post(self.index_address, "/list", DocList[KeyDoc](), DocList[KeyDoc],
+                               {"after_id": after, "page": page})
+            if not len(batch):
+                return
+            yield from batch
+            after = batch[-1].id
+
+    def prune(self, roots: Sequence[str]) -> List[str]:
+        """Remove the documents whose local file under one of ``roots`` is gone; returns their uris."""
+        folders = [os.path.join(os.path.abspath(os.path.expanduser(r)), "") for r in roots if os.path.isdir(os.path.expanduser(r))]
+        gone = []
+        for doc in self.documents():
+            path = local_path(doc.uri or "")
+            if path and any(path.startswith(f) for f in folders) and not os.path.exists(path):
+                gone.append(doc)
+        for start in range(0, len(gone), 500):
+            self.delete([d.id for d in gone[start : start + 500]])
+        return [d.uri for d in gone]
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete documents by id; returns how many existed."""
@@ -195,31 +223,124 @@ class ClipseekClient:
         return self._post(self.index_address, "/status", DocList[IndexStatus](), DocList[IndexStatus])[0]
 
     # ---- search ------------------------------------------------------------------------
-    def search(self, text: str, *, limit: int = 10, min_score: Optional[float] = None,
-               filter: Optional[Dict[str, Any]] = None) -> List[Hit]:
-        """The ``limit`` best matching images for ``text``, best first."""
-        if not isinstance(text, str):
+    def search(self, text: Optional[str] = None, *, limit: int = 10, min_score: Optional[float] = None,
+               filter: Optional[Dict[str, Any]] = None, image: Optional[str] = None,
+               plus: Sequence[str] = (), minus: Sequence[str] = (), like: Sequence[str] = (),
+               unlike: Sequence[str] = (), weights: Optional[Dict[str, float]] = None) -> List[Hit]:
+        """The ``limit`` best matching images, best first.
+
+        The query is a ``text`` and/or an ``image`` (path, URL or bytes), moved towards each
+        text or image in ``plus`` and away from each in ``minus``, and refined with the ids of
+        liked / disliked results (``like`` / ``unlike``; stored vectors, never re-embedded).
+        ``weights`` may set ``query_weight``, ``like_weight``, ``unlike_weight``, ``plus_weight``
+        and ``minus_weight``.
+        """
+        if text is not None and not isinstance(text, str):
             raise TypeError(f"search() takes one text (str), got {type(text).__name__}; "
                             f"call it once per query, or use search_many() for a list")
-        return self.search_many([text], limit=limit, min_score=min_score, filter=filter)[0]
+        query = self._query(text, image, plus, minus, weights or {})
+        return self._search([query], limit, min_score, filter, like, unlike, weights)[0]
 
     def search_many(self, texts: Sequence[str], *, limit: int = 10, min_score: Optional[float] = None,
                     filter: Optional[Dict[str, Any]] = None) -> List[List[Hit]]:
+        """One result list per text, in one request."""
         if isinstance(texts, str):
             raise TypeError("search_many() takes a list of texts; use search() for one text")
+        return self._search([TextQuery(text=t) for t in texts], limit, min_score, filter, (), (), None)
+
+    def classify(self, image: Union[str, bytes], labels: Sequence[str], *,
+                 template: Optional[str] = None) -> List[Tuple[str, float]]:
+        """Zero-shot labels for one image: (label, probability), most likely first."""
+        labels = [l.strip() for l in labels if l and l.strip()]
+        if not labels:
+            raise ClipseekError("classify needs at least one label")
+        query = TextQuery(parts=DocList[QueryPart]([QueryPart(text=l) for l in labels]))
+        self._set_image(query, image)
+        parameters = {"template": template} if template else {}
+        answer = self._post(self.search_address, "/classify", DocList[TextQuery]([query]), DocList[TextQuery],
+                            parameters)[0]
+        if answer.error:
+            raise ClipseekError(f"classify: {answer.error}")
+        return [(m.id, m.score) for m in answer.matches]
+
+    def _query(self, text, image, plus, minus, weights) -> TextQuery:
+        query = TextQuery(text=text or None)
+        parts = []
+        if image is not None:
+            if text:  # both: the image joins as a part with the query's weight
+                parts.append(self._part(image, float(weights.get("query_weight", 1.0))))
+            else:
+                self._set_image(query, image)
+        parts += [self._part(p, float(weights.get("plus_weight", 1.0))) for p in plus]
+        parts += [self._part(m, -float(weights.get("minus_weight", 0.5))) for m in minus]
+        query.parts = DocList[QueryPart](parts)
+        return query
+
+    def _part(self, item: Union[str, bytes], weight: float) -> QueryPart:
+        part = QueryPart(weight=weight)
+        if isinstance(item, bytes) or _looks_like_image(item):
+            self._set_image(part, item)
+        else:
+            part.text = item
+        return part
+
+    def _set_image(self, doc, image: Union[str, bytes]) -> None:
+        """An image query: bytes as they are; a local file by path (local server) or as bytes (remote)."""
+        if isinstance(image, bytes):
+            doc.bytes_ = image
+            return
+        path = local_path(image)
+        if path is not None and not os.path.exists(path):
+            raise ClipseekError(f"query image {image}: no such file")
+        if path is not None and self.send_bytes:
+            with open(path, "rb") as f:
+                doc.bytes_ = f.read()
+        else:
+            doc.url = os.path.abspath(path) if path is not None else image
+
+    def _search(self, queries, limit, min_score, filter, like, unlike, weights) -> List[List[Hit]]:
         parameters: Dict[str, Any] = {"limit": int(limit)}
         if min_score is not None:
             parameters["min_score"] = float(min_score)
         if filter:
             parameters["filter"] = filter
-        docs = DocList[TextQuery]([TextQuery(text=t) for t in texts])
-        answers = self._post(self.search_address, "/search", docs, DocList[TextQuery], parameters)
+        if like:
+            parameters["like"] = list(like)
+        if unlike:
+            parameters["unlike"] = list(unlike)
+        for key in ("query_weight", "like_weight", "unlike_weight"):
+            if weights and key in weights:
+                parameters[key] = float(weights[key])
+        answers = self._post(self.search_address, "/search", DocList[TextQuery](queries), DocList[TextQuery], parameters)
         results = []
         for answer in answers:
             if answer.error:
-                raise ClipseekError(f"search {answer.text[:60]!r}: {answer.error}")
+                label = answer.text[:60] if answer.text else "query"
+                raise ClipseekError(f"search {label!r}: {answer.error}")
             results.append(list(answer.matches))
         return results
+
+
+def _split_by_bytes(docs, max_bytes: int) -> Iterable:
+    """``docs`` in consecutive DocLists whose image bytes stay under ``max_bytes`` (one document at least each)."""
+    part, size = DocList[ImageInput](), 0
+    for doc in docs:
+        n = len(doc.bytes_ or b"")
+        if len(part) and size + n > max_bytes:
+            yield part
+            part, size = DocList[ImageInput](), 0
+        part.append(doc)
+        size += n
+    if len(part):
+        yield part
+
+
+def _looks_like_image(item: str) -> bool:
+    """A plus/minus part names an image when it is a URL or data URI, or an existing image file."""
+    if item.startswith(URL_PREFIXES):
+        return True
+    path = os.path.expanduser(item)
+    return is_image_file(path) and os.path.exists(path)
 
 
 def _unchanged(known: KeyDoc, path: Optional[str], st: Optional[os.stat_result]) -> bool:

@@ -22,23 +22,30 @@ logger = logging.getLogger(__name__)
 
 INDEX_FLOW = os.path.join(PROJECT_ROOT, "flow_index.yml")
 SEARCH_FLOW = os.path.join(PROJECT_ROOT, "flow_search.yml")
-ENCODER_OPTIONS = ("pretrained_model_name_or_path", "device", "dtype", "batch_size")
+ENCODER_OPTIONS = ("pretrained_model_name_or_path", "device", "dtype", "batch_size", "allowed_roots")
+# Executors only ever talk to their flow's gateway on this machine: they listen on loopback whatever the gateway binds.
+EXECUTOR_HOST = "127.0.0.1"
 
 
-def flow_config(path: str, *, host: str, port: int, encoder_options: Dict[str, Any],
-                timeout_ready: int = 120_000) -> Dict[str, Any]:
-    """The flow YAML as a dict, with host, port and encoder options set and executor paths made absolute."""
+def flow_config(path: str, *, host: str, port: int, workspace: str, encoder_options: Dict[str, Any],
+                shards: Optional[int] = None, timeout_ready: int = 120_000) -> Dict[str, Any]:
+    """The flow YAML as a dict, with host, port, workspace and encoder options set and executor paths made absolute."""
     with open(path, encoding="utf-8") as f:
         config = yaml.safe_load(f)
     base = os.path.dirname(os.path.abspath(path))
     config.setdefault("with", {}).update(host=host, port=port, timeout_ready=timeout_ready)
     for executor in config.get("executors", []):
-        uses = executor.get("uses")
-        if isinstance(uses, str) and uses.endswith((".yml", ".yaml")) and not os.path.isabs(uses):
-            executor["uses"] = os.path.join(base, uses)
+        for key in ("uses", "uses_after", "uses_before"):
+            uses = executor.get(key)
+            if isinstance(uses, str) and uses.endswith((".yml", ".yaml")) and not os.path.isabs(uses):
+                executor[key] = os.path.join(base, uses)
+        if shards and "shards" in executor:
+            executor["shards"] = int(shards)
         if "encoder" in executor.get("name", ""):
             overrides = {k: v for k, v in encoder_options.items() if v is not None}
             executor["uses_with"] = {**(executor.get("uses_with") or {}), **overrides}
+        executor["workspace"] = os.path.abspath(workspace)
+        executor["host"] = EXECUTOR_HOST
         executor.setdefault("timeout_ready", timeout_ready)
     return config
 
@@ -47,11 +54,14 @@ def build_flows(settings: Settings):
     """(index flow, search flow), not started."""
     from jina import Flow
 
-    settings.export_env()  # executors read CLIPSEEK_WORKSPACE / CLIPSEEK_MODEL in their own processes
     options = {"pretrained_model_name_or_path": settings.model, "device": settings.device,
                "dtype": settings.dtype, "batch_size": settings.batch_size}
-    index_flow = Flow.load_config(flow_config(INDEX_FLOW, host=settings.host, port=settings.index_port, encoder_options=options))
+    roots = None if settings.allowed_roots is None else [os.path.abspath(os.path.expanduser(r)) for r in settings.allowed_roots]
+    index_flow = Flow.load_config(flow_config(INDEX_FLOW, host=settings.host, port=settings.index_port,
+                                                 workspace=settings.workspace, shards=settings.shards,
+                                                 encoder_options={**options, "allowed_roots": roots}))
     search_flow = Flow.load_config(flow_config(SEARCH_FLOW, host=settings.host, port=settings.search_port,
+                                               workspace=settings.workspace, shards=settings.shards,
                                                encoder_options={**options, "batch_size": None}))
     return index_flow, search_flow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL_DIR = os.path.join(PROJECT_ROOT, "data", "models", "clipseek-demo")
@@ -28,6 +28,14 @@ def _env_int(name: str, default: Optional[int]) -> Optional[int]:
         raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def _env_paths(name: str) -> Optional[List[str]]:
+    """An os.pathsep-separated list of folders, or None when the variable is unset or empty."""
+    value = _env(name)
+    if value is None:
+        return None
+    return [os.path.abspath(os.path.expanduser(p)) for p in value.split(os.pathsep) if p]
+
+
 @dataclass
 class Settings:
     """Where the flows listen and what they run. Every field has a flag and an environment variable."""
@@ -39,7 +47,10 @@ class Settings:
     device: Optional[str] = field(default_factory=lambda: _env("CLIPSEEK_DEVICE"))
     dtype: Optional[str] = field(default_factory=lambda: _env("CLIPSEEK_DTYPE"))
     batch_size: Optional[int] = field(default_factory=lambda: _env_int("CLIPSEEK_BATCH_SIZE", None))
+    shards: Optional[int] = field(default_factory=lambda: _env_int("CLIPSEEK_SHARDS", None))
     workspace: str = field(default_factory=lambda: _env("CLIPSEEK_WORKSPACE", os.path.join(PROJECT_ROOT, "workspace")))
+    # Folders the index flow may read local paths from (None: anywhere, for a laptop). --allow-root DIR.
+    allowed_roots: Optional[List[str]] = field(default_factory=lambda: _env_paths("CLIPSEEK_ALLOWED_ROOTS"))
 
     @property
     def index_address(self) -> str:
@@ -48,14 +59,6 @@ class Settings:
     @property
     def search_address(self) -> str:
         return f"grpc://{_client_host(self.host)}:{self.search_port}"
-
-    def export_env(self) -> None:
-        """Hand the choices that executors read themselves to their processes."""
-        os.environ["CLIPSEEK_WORKSPACE"] = os.path.abspath(self.workspace)
-        if self.model:
-            os.environ["CLIPSEEK_MODEL"] = self.model
-        if self.device:
-            os.environ["CLIPSEEK_DEVICE"] = self.device
 
 
 def _client_host(host: str) -> str:

@@ -137,11 +137,15 @@ def test_text_pads_to_longest_and_truncates(text_encoder, monkeypatch, tiny_mode
     assert lengths[-1] == 77 and long_doc[0].embedding is not None
 
 
-def test_empty_text_gets_an_error(text_encoder):
-    docs = DocList[TextQuery]([TextQuery(text="   "), TextQuery(text="blue")])
+def test_empty_text_is_left_unembedded_and_parts_are_embedded(text_encoder):
+    from executors.docs import QueryPart
+
+    docs = DocList[TextQuery]([TextQuery(text="   "), TextQuery(text="blue", parts=DocList[QueryPart]([
+        QueryPart(text="red", weight=-0.5), QueryPart(url="/some/image.png")]))])
     text_encoder.encode(docs)
-    assert docs[0].embedding is None and "empty" in docs[0].error
+    assert docs[0].embedding is None and docs[0].error is None  # the indexer answers an empty query
     assert docs[1].embedding is not None and docs[1].error is None
+    assert docs[1].parts[0].embedding is not None and docs[1].parts[1].embedding is None
 
 
 def test_access_paths_reach_nested_documents(tiny_model, picture_dir):

@@ -18,15 +18,10 @@ from .conftest import draw_picture
 
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
-    saved = dict(os.environ)
     settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=tiny_model,
                         device="cpu", workspace=str(tmp_path_factory.mktemp("workspace")))
-    try:
-        with running_flows(settings):
-            yield settings, ClipseekClient(settings.index_address, settings.search_address)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    with running_flows(settings):
+        yield settings, ClipseekClient(settings.index_address, settings.search_address)
 
 
 def test_index_then_search_finds_every_indexed_file(served, picture_dir):
@@ -129,3 +124,87 @@ def test_unreachable_server_is_a_clear_error():
     client = ClipseekClient(f"grpc://127.0.0.1:{port}", f"grpc://127.0.0.1:{port}", timeout=5)
     with pytest.raises(ClipseekError, match=f"127.0.0.1:{port}"):
         client.status()
+
+
+def test_feedback_rounds_use_stored_vectors(served, picture_dir):
+    _, client = served
+    root, paths = picture_dir
+    client.clear()
+    client.index(paths)
+    ids = [uri_id(p) for p in paths]
+    # "more like this": liked results alone make the query; the liked picture is its own best match
+    hits = client.search(like=[ids[2]], limit=4)
+    assert hits[0].id == ids[2] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    # a disliked result never comes back, and the ranking moves away from it
+    refined = client.search("a red circle", like=[ids[2]], unlike=[ids[1]], limit=4)
+    assert ids[1] not in [h.id for h in refined] and len(refined) == 3
+    with pytest.raises(ClipseekError, match="not in the index"):
+        client.search("a red circle", like=["nope"])
+    with pytest.raises(ClipseekError, match="empty query"):
+        client.search("")
+
+
+def test_query_arithmetic_matches_the_weighted_sum(served, picture_dir, tiny_model):
+    from executors.clip_image_encoder import CLIPImageEncoder
+    from executors.clip_text_encoder import CLIPTextEncoder
+
+    _, client = served
+    root, paths = picture_dir
+    client.clear()
+    client.index(paths)
+    texts = DocList[TextQuery]([TextQuery(text=t) for t in ("a circle", "red", "green")])
+    CLIPTextEncoder(pretrained_model_name_or_path=tiny_model).encode(texts)
+    images = DocList[ImageInput]([ImageInput(url=p) for p in paths])
+    CLIPImageEncoder(pretrained_model_name_or_path=tiny_model).encode(images)
+    t = [np.asarray(d.embedding) for d in texts]
+    q = t[0] + 1.0 * t[1] - 0.5 * t[2]
+    q /= np.linalg.norm(q)
+    expected = sorted(((float(np.dot(q, d.embedding)), d.url) for d in images), reverse=True)
+    hits = client.search("a circle", plus=["red"], minus=["green"], limit=4)
+    assert [h.uri for h in hits] == [u for _, u in expected]
+    assert [h.score for h in hits] == pytest.approx([s for s, _ in expected], abs=1e-5)
+
+
+def test_query_by_example(served, picture_dir, tmp_path):
+    _, client = served
+    root, paths = picture_dir
+    client.clear()
+    client.index(paths)
+    for image in (paths[3], open(paths[3], "rb").read()):  # a path, or the bytes of the file
+        hits = client.search(image=image, limit=4)
+        assert hits[0].uri == paths[3] and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ClipseekError, match="no such file"):
+        client.search(image=str(tmp_path / "missing.png"))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    with pytest.raises(ClipseekError, match="not a recognised image format"):
+        client.search(image=str(bad))
+    both = client.search("a red circle", image=paths[3], limit=4)  # text and image count together
+    assert len(both) == 4
+
+
+def test_classify_gives_probabilities_from_the_logit_scale(served, picture_dir, tiny_model):
+    from executors.clip_image_encoder import CLIPImageEncoder
+    from executors.clip_model import load_clip
+    from executors.clip_text_encoder import CLIPTextEncoder
+
+    _, client = served
+    _, paths = picture_dir
+    labels = ["red circle", "blue square", "car"]
+    result = client.classify(paths[0], labels, template="a drawing of a {}")
+    assert sorted(l for l, _ in result) == sorted(labels)
+    assert sum(p for _, p in result) == pytest.approx(1.0, abs=1e-5)
+    assert [p for _, p in result] == sorted((p for _, p in result), reverse=True)
+    # the same numbers from the encoders and the model's own logit scale
+    texts = DocList[TextQuery]([TextQuery(text=f"a drawing of a {l}") for l in labels])
+    CLIPTextEncoder(pretrained_model_name_or_path=tiny_model).encode(texts)
+    image = DocList[ImageInput]([ImageInput(url=paths[0])])
+    CLIPImageEncoder(pretrained_model_name_or_path=tiny_model).encode(image)
+    scale = float(load_clip(tiny_model, "cpu", "float32").model.logit_scale.exp())
+    logits = scale * np.stack([d.embedding for d in texts]) @ image[0].embedding
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert dict(result) == pytest.approx(dict(zip(labels, probs.tolist())), abs=1e-4)
+    with pytest.raises(ClipseekError, match="at least one label"):
+        client.classify(paths[0], [" "])
+    with pytest.raises(ClipseekError, match="template"):
+        client.classify(paths[0], ["x"], template="no placeholder")

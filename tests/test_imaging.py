@@ -191,21 +191,21 @@ def no_proxy(monkeypatch):
 
 
 def test_read_http(http_base, no_proxy):
-    info = read_source(f"{http_base}/img.png", timeout=5)
+    info = read_source(f"{http_base}/img.png", timeout=5, allow_private=True)
     assert info.data == PNG_BYTES and info.uri == f"{http_base}/img.png"
     assert decode_image(info.data).size == (12, 9)
-    assert read_source(f"{http_base}/raw", timeout=5).data == PNG_BYTES
+    assert read_source(f"{http_base}/raw", timeout=5, allow_private=True).data == PNG_BYTES
 
 
 def test_read_http_errors(http_base, no_proxy):
     with pytest.raises(ImageError) as e:
-        read_source(f"{http_base}/missing.png", timeout=5)
+        read_source(f"{http_base}/missing.png", timeout=5, allow_private=True)
     assert "404" in str(e.value) and "/missing.png" in str(e.value)
     with pytest.raises(ImageError) as e:
-        read_source(f"{http_base}/page", timeout=5)
+        read_source(f"{http_base}/page", timeout=5, allow_private=True)
     assert "text/html" in str(e.value) and "not an image" in str(e.value)
     with pytest.raises(ImageError, match="cap"):
-        read_source(f"{http_base}/big", timeout=5, max_bytes=4000)
+        read_source(f"{http_base}/big", timeout=5, max_bytes=4000, allow_private=True)
 
 
 def test_read_http_connection_refused(no_proxy):
@@ -213,7 +213,7 @@ def test_read_http_connection_refused(no_proxy):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(ImageError, match="cannot fetch"):
-        read_source(f"http://127.0.0.1:{port}/x.png", timeout=5)
+        read_source(f"http://127.0.0.1:{port}/x.png", timeout=5, allow_private=True)
 
 
 # ---- decode_image --------------------------------------------------------------------------------

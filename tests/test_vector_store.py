@@ -501,3 +501,143 @@ def test_reader_in_other_process_sees_later_commits(tmp_path, rng):
             child.kill()
             child.wait()
         writer.close()
+
+
+# ---- float16 storage ---------------------------------------------------------------------
+
+from executors.vector_store import VECTORS_FILE_F16  # noqa: E402
+
+
+@pytest.fixture
+def filled_f16(tmp_path, rng):
+    s = VectorStore(str(tmp_path / "store16"), growth_rows=512, chunk_rows=700, dtype="float16")
+    s.f16_chunk_rows = 700  # several chunks, so the widening buffer is reused
+    data = rng.standard_normal((5000, DIM)).astype(np.float32)
+    for start in range(0, 5000, 1300):
+        s.upsert(data[start : start + 1300], records(min(1300, 5000 - start), start=start), model="m")
+    yield s, data, [f"id{i}" for i in range(5000)]
+    s.close()
+
+
+def test_float16_store_keeps_half_the_bytes_and_records_its_dtype(filled_f16):
+    store, data, _ = filled_f16
+    assert store.dtype == "float16" and store.count == 5000 and store.dim == DIM
+    path16 = os.path.join(store.path, VECTORS_FILE_F16)
+    assert os.path.getsize(path16) >= 5000 * DIM * 2
+    assert os.path.getsize(path16) < 5000 * DIM * 4
+    assert not os.path.exists(os.path.join(store.path, VECTORS_FILE))
+    assert os.stat(path16).st_mode & 0o777 == 0o600
+    stored = store.vectors(["id3", "id4999"])
+    assert stored["id3"].dtype == np.float32
+    np.testing.assert_allclose(stored["id3"], unit(data[3]), atol=1e-3)
+    np.testing.assert_allclose(stored["id4999"], unit(data[4999]), atol=1e-3)
+
+
+@pytest.mark.parametrize("scan", ["torch", "numpy"])
+def test_float16_top_k_close_to_float32_brute_force(filled_f16, rng, scan):
+    store, data, ids = filled_f16
+    store.scan = scan
+    queries = rng.standard_normal((6, DIM)).astype(np.float32)
+    k = 25
+    results = store.search(queries, limit=k)
+    found = 0
+    for hits, (want_ids, want_scores) in zip(results, brute_force(data, ids, queries, k)):
+        assert len(hits) == k
+        scores = np.array([s for _, s in hits])
+        assert np.all(np.diff(scores) <= 0), "hits must come best first"
+        np.testing.assert_allclose(scores, want_scores, atol=2e-3)
+        found += len({r.id for r, _ in hits} & set(want_ids))
+    assert found / (k * len(queries)) >= 0.95
+    # a stored vector still finds itself first, with a cosine of 1 within float16 precision
+    (hits,) = store.search(data[1234], limit=1)
+    assert hits[0][0].id == "id1234" and hits[0][1] == pytest.approx(1.0, abs=2e-3)
+
+
+def test_scans_agree_for_both_dtypes(filled, filled_f16, rng):
+    queries = rng.standard_normal((3, DIM)).astype(np.float32)
+    for store, atol in ((filled[0], 1e-5), (filled_f16[0], 5e-4)):  # torch gives float16 rows float16 scores
+        answers = {}
+        for scan in ("auto", "torch", "numpy"):
+            store.scan = scan
+            answers[scan] = store.search(queries, limit=15)
+            answers[scan + "-one"] = store.search(queries[0], limit=15)
+        want = answers["numpy"]
+        for key in ("auto", "torch", "auto-one", "torch-one", "numpy-one"):
+            got = answers[key]
+            for hits, want_hits in zip(got, want):
+                want_scores = {r.id: s for r, s in want_hits}
+                if store is filled[0]:
+                    assert [r.id for r, _ in hits] == list(want_scores), key
+                else:  # rounded scores may swap near-ties
+                    assert len({r.id for r, _ in hits} & set(want_scores)) >= 13, key
+                for r, score in hits:
+                    if r.id in want_scores:
+                        assert score == pytest.approx(want_scores[r.id], abs=atol), key
+
+
+def test_float16_dtype_is_read_back_by_later_openers(tmp_path, rng):
+    path = str(tmp_path / "store")
+    data = rng.standard_normal((300, DIM)).astype(np.float32)
+    s = VectorStore(path, dtype="fp16")
+    s.upsert(data, records(300), model="m")
+    s.close()
+    reader = VectorStore(path)  # no dtype asked: the recorded one is used
+    try:
+        assert reader.dtype == "float16"
+        (hits,) = reader.search(data[42], limit=1)
+        assert hits[0][0].id == "id42" and hits[0][1] == pytest.approx(1.0, abs=2e-3)
+        with pytest.raises(StoreError, match="float16"):
+            VectorStore(path, dtype="float32")  # holds vectors: cannot change
+        assert VectorStore(path, dtype=np.float16).dtype == "float16"  # asking for what it is works
+    finally:
+        reader.close()
+    with pytest.raises(StoreError, match="not one of"):
+        VectorStore(str(tmp_path / "other"), dtype="int8")
+
+
+def test_float32_is_the_default_and_an_empty_store_takes_a_new_dtype(tmp_path, rng):
+    path = str(tmp_path / "store")
+    s = VectorStore(path)
+    s.upsert(rng.standard_normal((10, 8)), records(10))
+    assert s.dtype == "float32"
+    s.close()
+    with pytest.raises(StoreError, match="float32"):
+        VectorStore(path, dtype="float16")
+    s = VectorStore(path)
+    s.clear()
+    s.close()
+    s = VectorStore(path, dtype="float16")  # empty after clear: it may change
+    try:
+        assert s.dtype == "float16"
+        new = rng.standard_normal((5, 8)).astype(np.float32)
+        s.upsert(new, records(5))
+        (hits,) = s.search(new[3], limit=1)
+        assert hits[0][0].id == "id3"
+        assert os.path.getsize(os.path.join(path, VECTORS_FILE_F16)) >= 5 * 8 * 2
+    finally:
+        s.close()
+
+
+def test_float16_garbage_past_high_water_is_ignored_and_truncation_reported(tmp_path, rng):
+    path = str(tmp_path / "store")
+    data = rng.standard_normal((100, DIM)).astype(np.float32)
+    s = VectorStore(path, growth_rows=64, dtype="float16")
+    s.upsert(data, records(100))
+    q = rng.standard_normal((2, DIM)).astype(np.float32)
+    before = [[(r.id, round(sc, 4)) for r, sc in hits] for hits in s.search(q, limit=10)]
+    s.close()
+    with open(os.path.join(path, VECTORS_FILE_F16), "r+b") as f:  # an uncommitted write: huge copies of q[0]
+        f.seek(100 * DIM * 2)
+        f.write(np.tile(q[0] * 100.0, (20, 1)).astype(np.float16).tobytes())
+    s = VectorStore(path, growth_rows=64)
+    try:
+        assert [[(r.id, round(sc, 4)) for r, sc in hits] for hits in s.search(q, limit=10)] == before
+        s.upsert(q[:1], [Record("fresh")])
+        (hits,) = s.search(q[0], limit=1)
+        assert hits[0][0].id == "fresh" and hits[0][1] == pytest.approx(1.0, abs=2e-3)
+    finally:
+        s.close()
+    with open(os.path.join(path, VECTORS_FILE_F16), "r+b") as f:
+        f.truncate(50 * DIM * 2)
+    with pytest.raises(StoreError, match="damaged"):
+        VectorStore(path)
