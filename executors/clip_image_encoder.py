@@ -26,6 +26,7 @@ DRAFT_FACTOR = 2
 
 
 def prepare(doc: ImageInput, recipe: Preprocess, *, url_timeout: float, max_bytes: int, draft: bool,
+            max_megapixels: Optional[float] = None,
             timings: Optional[Dict[str, float]] = None, allow_private_urls: bool = False,
             allowed_roots: Optional[Sequence[str]] = None):
     """One document -> (pixel array, width, height, source info or None). Raises ImageError.
@@ -43,12 +44,12 @@ def prepare(doc: ImageInput, recipe: Preprocess, *, url_timeout: float, max_byte
     elif doc.bytes_:
         info = SourceInfo(uri=name, data=bytes(doc.bytes_))
         t1 = time.perf_counter()
-        img = decode_image(info.data, name, draft_size=draft_size)
+        img = decode_image(info.data, name, draft_size=draft_size, max_megapixels=max_megapixels)
     elif doc.url:
         info = read_source(str(doc.url), timeout=url_timeout, max_bytes=max_bytes,
                            allow_private=allow_private_urls, allowed_roots=allowed_roots)
         t1 = time.perf_counter()
-        img = decode_image(info.data, name, draft_size=draft_size)
+        img = decode_image(info.data, name, draft_size=draft_size, max_megapixels=max_megapixels)
     else:
         raise ImageError(f"{name}: has no url, bytes_ or tensor to read an image from")
     width, height = getattr(img, "original_size", None) or img.size
@@ -105,6 +106,7 @@ class CLIPImageEncoder(Executor):
         keep_pixels: bool = False,
         allow_private_urls: bool = False,
         allowed_roots: Optional[Sequence[str]] = None,
+        max_megapixels: Optional[float] = 100.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -119,6 +121,7 @@ class CLIPImageEncoder(Executor):
             max_download_bytes=int(max_download_bytes),
             keep_pixels=bool(keep_pixels),
             allow_private_urls=_flag(allow_private_urls),
+            max_megapixels=max_megapixels,
         )
         # Not a request option: a client must not widen the folders the server reads from.
         self.allowed_roots = _roots(allowed_roots)
@@ -189,6 +192,7 @@ class CLIPImageEncoder(Executor):
             # request parameters arrive through protobuf, where every number is a float
             result = prepare(doc, recipe, url_timeout=float(options["url_timeout"]),
                              max_bytes=int(options["max_download_bytes"]), draft=_flag(options["draft_decode"]),
+                             max_megapixels=float(options["max_megapixels"]) if options["max_megapixels"] else None,
                              timings=spent,
                              allow_private_urls=_flag(options["allow_private_urls"]), allowed_roots=self.allowed_roots)
             return result, spent

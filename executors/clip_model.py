@@ -18,6 +18,9 @@ from typing import Any, Iterator, Optional, Sequence, TypeVar
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 MODEL_ENV = "CLIPSEEK_MODEL"
 DEVICE_ENV = "CLIPSEEK_DEVICE"
+# torch threads on cpu (default: torch's own choice). On small VMs whose vCPUs share a core, 1 can be faster
+# than 2 and leaves the other vCPU to JPEG decoding (benchmarks/index_throughput.py measures both).
+THREADS_ENV = "CLIPSEEK_TORCH_THREADS"
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,6 +130,9 @@ def _load(name_or_path: str, device: str, torch_dtype, with_tokenizer: bool) -> 
         raise ModelLoadError(model_error_message(name_or_path, e)) from None
     model.eval().to(device)
     torch.set_grad_enabled(False)
+    threads = os.environ.get(THREADS_ENV)
+    if threads and device == "cpu":  # torch's intra-op threads for this whole process
+        torch.set_num_threads(check_positive_int(THREADS_ENV, threads))
     logger.info("loaded CLIP %s on %s (%s)", name_or_path, device, torch_dtype)
     return LoadedClip(model_id(name_or_path), model, device, torch_dtype, processor_config, tokenizer)
 

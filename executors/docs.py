@@ -72,6 +72,12 @@ class TextQuery(TextDoc):
     error: Optional[str] = None
 
 
+class DuplicateGroup(BaseDoc):
+    """Near-identical images: each member with its best cosine to another member."""
+
+    members: DocList[Hit] = DocList[Hit]()
+
+
 class KeyDoc(BaseDoc):
     """A document id with the file facts stored for it (answer of ``/lookup``)."""
 

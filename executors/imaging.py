@@ -23,7 +23,14 @@ from PIL import Image, ImageOps
 
 from executors.netguard import FetchError, fetch_url
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif")
+
+try:  # HEIC / HEIF from phones; AVIF is read by Pillow itself
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # pragma: no cover - the lock installs it
+    pillow_heif = None
 
 # Pillow refuses images above this many pixels with DecompressionBombError (2x its warning level).
 MAX_IMAGE_PIXELS = 89_478_485
@@ -196,19 +203,33 @@ def _read_data_uri(uri: str) -> bytes:
         raise ImageError(f"data URI: invalid base64 payload ({e})") from None
 
 
-def decode_image(data: bytes, name: str = "image", *, draft_size: Optional[int] = None) -> Image.Image:
+def decode_image(data: bytes, name: str = "image", *, draft_size: Optional[int] = None,
+                 max_megapixels: Optional[float] = None) -> Image.Image:
     """Decode bytes into an upright RGB image (EXIF rotation applied, first frame of animations).
 
     ``draft_size`` lets JPEG decode at a reduced scale (1/2, 1/4, 1/8) that still covers
     that many pixels on its short side: much faster for big photos, slightly different pixels.
     A reduced image carries the upright full-scale (width, height) as ``original_size``.
+    ``max_megapixels`` bounds what is decoded: a bigger JPEG is decoded at a reduced scale
+    that fits, any other bigger image is refused before its pixels are read.
     """
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
         full_size = img.size
-        if draft_size and img.format == "JPEG":
+        if max_megapixels and full_size[0] * full_size[1] > max_megapixels * 1e6:
+            if img.format != "JPEG":
+                raise ImageError(f"{name}: {full_size[0]}x{full_size[1]} is {full_size[0] * full_size[1] / 1e6:.1f} "
+                                 f"megapixels, over the limit of {max_megapixels:g}")
+            # the largest JPEG decoding scale (1/2, 1/4, 1/8) whose pixels fit the limit
+            scale = next((f for f in (0.5, 0.25, 0.125)
+                          if full_size[0] * f * full_size[1] * f <= max_megapixels * 1e6), 0.125)
+            img.draft("RGB", (int(-(-full_size[0] * scale // 1)), int(-(-full_size[1] * scale // 1))))
+            if img.size[0] * img.size[1] > max_megapixels * 1e6:  # 1/8 is the smallest JPEG scale
+                raise ImageError(f"{name}: {full_size[0]}x{full_size[1]} cannot be decoded within "
+                                 f"{max_megapixels:g} megapixels")
+        elif draft_size and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()
         decoded_size = img.size
@@ -217,6 +238,8 @@ def decode_image(data: bytes, name: str = "image", *, draft_size: Optional[int] 
             turned = img.size != decoded_size  # EXIF rotated it by 90 or 270 degrees
             img.original_size = (full_size[1], full_size[0]) if turned else full_size
         return img
+    except ImageError:
+        raise
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: image too large (over {MAX_IMAGE_PIXELS} pixels)") from None
     except Image.UnidentifiedImageError:

@@ -11,7 +11,7 @@ from typing import Dict, Optional
 from docarray import DocList
 from jina import Executor, requests
 
-from executors.docs import Hit, IndexStatus, KeyDoc, TextQuery
+from executors.docs import DuplicateGroup, Hit, IndexStatus, KeyDoc, TextQuery
 from executors.params import request_options
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,12 @@ class ShardMerger(Executor):
     @requests(on="/classify")
     def classify(self, docs: DocList[TextQuery], docs_matrix=None, **kwargs) -> DocList[TextQuery]:
         return _shard_answers(docs, docs_matrix)[0]  # every shard passed the same answer through
+
+    @requests(on="/duplicates")
+    def duplicates(self, docs: DocList[DuplicateGroup], docs_matrix=None, **kwargs) -> DocList[DuplicateGroup]:
+        """Each shard's groups; images on different shards are compared within their own shard only."""
+        groups = [g for answer in _shard_answers(docs, docs_matrix) for g in answer]
+        return DocList[DuplicateGroup](sorted(groups, key=lambda g: -len(g.members)))
 
     @requests(on="/lookup")
     def lookup(self, docs: DocList[KeyDoc], docs_matrix=None, **kwargs) -> DocList[KeyDoc]:

@@ -11,7 +11,7 @@ import numpy as np
 from docarray import DocList
 from jina import Executor, requests
 
-from executors.docs import STATUS_FAILED, STATUS_INDEXED, Hit, ImageInput, IndexStatus, KeyDoc, TextQuery
+from executors.docs import STATUS_FAILED, STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, TextQuery
 from executors.filters import FilterError
 from executors.params import request_options
 from executors.vector_store import Record, StoreError, VectorStore
@@ -166,6 +166,14 @@ class SimpleIndexer(Executor):
         if not np.isfinite(total).all() or not np.linalg.norm(total):
             raise ValueError("the query's parts cancel out: nothing is left to search for")
         return _unit(total)
+
+    @requests(on="/duplicates")
+    def duplicates(self, docs: DocList[DuplicateGroup], parameters: Optional[Dict] = None,
+                   **kwargs) -> DocList[DuplicateGroup]:
+        """Groups of near-identical images in this index (``threshold``, default 0.95 cosine)."""
+        threshold = float((parameters or {}).get("threshold", 0.95))
+        groups = self.store.near_duplicates(threshold)
+        return DocList[DuplicateGroup]([DuplicateGroup(members=DocList[Hit]([_hit(r, s) for r, s in g])) for g in groups])
 
     @requests(on="/classify")
     def classify(self, docs: DocList[TextQuery], **kwargs) -> DocList[TextQuery]:

@@ -491,6 +491,45 @@ class VectorStore:
                 yield row[0], _record(row[1:])
             last = rows[-1][0]
 
+    def near_duplicates(self, threshold: float = 0.95, block_rows: int = 8192) -> List[List[Tuple[Record, float]]]:
+        """Groups of live documents whose vectors have cosine >= ``threshold`` (linked transitively),
+        computed block by block over the map so memory stays at two blocks and their products.
+        Each group is (record, best cosine to another member), largest groups first."""
+        with self._lock:
+            view, live = self._refresh()
+            if view is None:
+                return []
+            rows = np.flatnonzero(live)
+            parent = {int(r): int(r) for r in rows}
+            best: Dict[int, float] = {}
+
+            def find(x: int) -> int:
+                while parent[x] != x:
+                    parent[x] = parent[parent[x]]
+                    x = parent[x]
+                return x
+
+            for i in range(0, len(rows), block_rows):
+                a_rows = rows[i : i + block_rows]
+                a = np.asarray(view[a_rows], dtype=np.float32)
+                for j in range(i, len(rows), block_rows):
+                    b_rows = rows[j : j + block_rows]
+                    sims = a @ np.asarray(view[b_rows], dtype=np.float32).T
+                    if i == j:
+                        sims = np.triu(sims, k=1)
+                    for x, y in zip(*np.nonzero(sims >= threshold)):
+                        ra, rb, sim = int(a_rows[x]), int(b_rows[y]), float(sims[x, y])
+                        best[ra] = max(best.get(ra, -1.0), sim)
+                        best[rb] = max(best.get(rb, -1.0), sim)
+                        parent[find(ra)] = find(rb)
+            groups: Dict[int, List[int]] = {}
+            for row in best:
+                groups.setdefault(find(row), []).append(row)
+        records = self._records_by_row(sorted(best))
+        out = [[(records[r], best[r]) for r in sorted(members) if r in records] for members in groups.values()]
+        out = [g for g in out if len(g) > 1]
+        return sorted(out, key=lambda g: (-len(g), g[0][0].id))
+
     def page_by_id(self, after_id: str = "", limit: int = 1000) -> List[Record]:
         """Up to ``limit`` records with ids above ``after_id``, in id order (stable paging)."""
         rows = self._db.execute(f"SELECT id, {', '.join(META_COLUMNS)} FROM rows WHERE id > ? ORDER BY id LIMIT ?",

@@ -29,6 +29,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (float16 on cuda only)")
     g.add_argument("--batch-size", type=int, help="images per model call (env CLIPSEEK_BATCH_SIZE, default 32)")
     g.add_argument("--workspace", help="folder of the index files (env CLIPSEEK_WORKSPACE, default ./workspace of the project)")
+    g.add_argument("--max-megapixels", type=float, help="decode bigger JPEGs at a reduced scale, refuse other bigger "
+                                                         "images (env CLIPSEEK_MAX_MEGAPIXELS, default 100)")
     g.add_argument("--shards", type=int, help="indexer shards in both flows (env CLIPSEEK_SHARDS, default 1 as in the YAML)")
 
 
@@ -106,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="comma-separated labels, e.g. 'cat,dog,car'")
     p.add_argument("--labels-file", help="file with one label per line")
     p.add_argument("--template", help="prompt template with {} for the label (default 'a photo of a {}')")
+    p.add_argument("--json", action="store_true")
+    _add_connection(p)
+
+    p = sub.add_parser("duplicates", help="list groups of near-identical images in the index")
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine at or above which two images are one (default 0.95)")
     p.add_argument("--json", action="store_true")
     _add_connection(p)
 
@@ -381,7 +388,20 @@ def cmd_classify(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "classify": cmd_classify, "snapshot": cmd_snapshot, "export": cmd_export, "train-demo-model": cmd_train_demo_model, "serve": cmd_serve, "index": cmd_index, "search": cmd_search, "status": cmd_status,
+def cmd_duplicates(args) -> int:
+    groups = _client(args).duplicates(args.threshold)
+    if args.json:
+        print(json.dumps([[{"id": h.id, "uri": h.uri, "score": round(h.score, 6)} for h in g] for g in groups], indent=2))
+        return 0
+    print(f"{len(groups)} groups of near-identical images (cosine >= {args.threshold})")
+    for n, group in enumerate(groups, 1):
+        print(f"group {n}:")
+        for hit in group:
+            print(f"  {hit.score:.4f}  {hit.uri or hit.id}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "duplicates": cmd_duplicates, "classify": cmd_classify, "snapshot": cmd_snapshot, "export": cmd_export, "train-demo-model": cmd_train_demo_model, "serve": cmd_serve, "index": cmd_index, "search": cmd_search, "status": cmd_status,
             "delete": cmd_delete, "clear": cmd_clear}
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from docarray import DocList
 
-from executors.docs import STATUS_INDEXED, Hit, ImageInput, IndexStatus, KeyDoc, QueryPart, TextQuery
+from executors.docs import STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, QueryPart, TextQuery
 from executors.imaging import content_hash, is_image_file, local_path, path_uri, uri_id
 from flows.settings import Settings
 
@@ -210,6 +210,12 @@ class ClipseekClient:
         for start in range(0, len(gone), 500):
             self.delete([d.id for d in gone[start : start + 500]])
         return [d.uri for d in gone]
+
+    def duplicates(self, threshold: float = 0.95) -> List[List[Hit]]:
+        """Groups of near-identical images in the index, largest first."""
+        groups = self._post(self.index_address, "/duplicates", DocList[DuplicateGroup](), DocList[DuplicateGroup],
+                            {"threshold": float(threshold)})
+        return [list(g.members) for g in groups]
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete documents by id; returns how many existed."""

@@ -11,11 +11,11 @@ from executors.clip_model import check_model_available, model_id
 from flows.settings import DEMO_MODEL_DIR, Settings
 
 DEMO_QUERIES = (
-    "a red circle",
-    "two blue squares",
-    "three small yellow stars",
+    "a large red circle on a white background",
+    "two small blue squares on a black background",
+    "three yellow stars",
     "a large green heart on a black background",
-    "a purple triangle on a white background",
+    "a small purple triangle on a gray background",
 )
 DEMO_SEED = 2024
 

@@ -47,6 +47,7 @@ class Settings:
     device: Optional[str] = field(default_factory=lambda: _env("CLIPSEEK_DEVICE"))
     dtype: Optional[str] = field(default_factory=lambda: _env("CLIPSEEK_DTYPE"))
     batch_size: Optional[int] = field(default_factory=lambda: _env_int("CLIPSEEK_BATCH_SIZE", None))
+    max_megapixels: Optional[float] = field(default_factory=lambda: float(_env("CLIPSEEK_MAX_MEGAPIXELS", 0)) or None)
     shards: Optional[int] = field(default_factory=lambda: _env_int("CLIPSEEK_SHARDS", None))
     workspace: str = field(default_factory=lambda: _env("CLIPSEEK_WORKSPACE", os.path.join(PROJECT_ROOT, "workspace")))
     # Folders the index flow may read local paths from (None: anywhere, for a laptop). --allow-root DIR.

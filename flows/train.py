@@ -29,7 +29,7 @@ ATTRS = ("colour", "shape", "size", "count", "background", "position")
 VALUES = {"colour": list(world.COLOURS), "shape": list(world.SHAPES), "size": list(world.SIZES),
           "count": list(world.COUNTS), "background": list(world.BACKGROUNDS), "position": list(world.POSITIONS)}
 
-MODEL_SHAPE = dict(image_size=96, patch_size=12, width=128, layers=4, projection_dim=64)
+MODEL_SHAPE = dict(image_size=64, patch_size=8, width=128, layers=4, projection_dim=64)
 FILE_SIZE = 128  # pixels of the demo files; the model sees them resized to MODEL_SHAPE["image_size"]
 
 
@@ -81,15 +81,6 @@ def caption_for(codes: Sequence[int], rng: random.Random):
     prefix = rng.choice(["", "", "a photo of ", "a picture of ", "an image of "])
     text = prefix + " ".join(w for w in words if w)
     return text, [mention[a] for a in ATTRS]
-
-
-def sample_batch(rng: np.random.Generator, codes: np.ndarray, by_colour: List[np.ndarray], size: int) -> np.ndarray:
-    """Picture indices for one step. Half of the batches hold only two colours, so that colour
-    alone cannot tell the pictures apart and shape, size and count must be learnt."""
-    if rng.random() < 0.5:
-        return rng.choice(len(codes), size, replace=False)
-    pool = np.concatenate([by_colour[c] for c in rng.choice(len(by_colour), 2, replace=False)])
-    return rng.choice(pool, min(size, len(pool)), replace=False)
 
 
 def positives(caption_codes, caption_mask, image_codes):
@@ -168,7 +159,6 @@ def train(out_dir: str, minutes: float = 12.0, seed: int = 0, pool_size: int = 2
     budget = minutes * 60 - (time.time() - started) - 30
     step, t_train, total_steps = 0, time.time(), max_steps or 10**9
     codes_t = torch.from_numpy(codes)
-    by_colour = [np.flatnonzero(codes[:, 0] == c) for c in range(len(VALUES["colour"]))]
     while step < total_steps:
         elapsed = time.time() - t_train
         if max_steps is None and step == 20:
@@ -180,7 +170,7 @@ def train(out_dir: str, minutes: float = 12.0, seed: int = 0, pool_size: int = 2
         progress = step / max(1, total_steps)
         for g in opt.param_groups:
             g["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        idx = torch.from_numpy(sample_batch(np.random.default_rng(seed + step), codes, by_colour, batch_size))
+        idx = torch.from_numpy(np.random.default_rng(seed + step).choice(len(pixels), batch_size, replace=False))
         batch_px = torch.from_numpy(pixels[idx.numpy()].astype(np.float32))
         caps, masks = zip(*(caption_for(codes[i], rng) for i in idx.tolist()))
         tok = tokenizer(list(caps), padding=True, return_tensors="pt")

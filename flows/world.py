@@ -101,7 +101,7 @@ def render(scene: Scene, rng: random.Random, size: int = 128, scale: int = 2) ->
     canvas = np.clip(bg[None, None, :] + gradient + np.zeros((big, big, 3), np.float32), 0, 255).astype(np.uint8)
     img = Image.fromarray(canvas, "RGB")
     draw = ImageDraw.Draw(img)
-    r = big * (rng.uniform(0.09, 0.115) if scene.size == "small" else rng.uniform(0.18, 0.22))
+    r = big * (rng.uniform(0.07, 0.095) if scene.size == "small" else rng.uniform(0.16, 0.2))
     if scene.count > 1:
         r *= 0.85 if scene.count == 2 else 0.72
     centre = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
