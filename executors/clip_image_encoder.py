@@ -120,11 +120,11 @@ class CLIPImageEncoder(Executor):
             url_timeout=float(url_timeout),
             max_download_bytes=int(max_download_bytes),
             keep_pixels=bool(keep_pixels),
-            allow_private_urls=_flag(allow_private_urls),
             max_megapixels=max_megapixels,
         )
-        # Not a request option: a client must not widen the folders the server reads from.
+        # Not request options: a client must not widen the folders or the networks the server reads from.
         self.allowed_roots = _roots(allowed_roots)
+        self.allow_private_urls = _flag(allow_private_urls)
         workers = num_workers or min(8, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipseek-decode")
         self._load(self.defaults)
@@ -194,7 +194,7 @@ class CLIPImageEncoder(Executor):
                              max_bytes=int(options["max_download_bytes"]), draft=_flag(options["draft_decode"]),
                              max_megapixels=float(options["max_megapixels"]) if options["max_megapixels"] else None,
                              timings=spent,
-                             allow_private_urls=_flag(options["allow_private_urls"]), allowed_roots=self.allowed_roots)
+                             allow_private_urls=self.allow_private_urls, allowed_roots=self.allowed_roots)
             return result, spent
 
         timings = {"prepare_wait": 0.0, "model": 0.0, "read": 0.0, "decode": 0.0, "preprocess": 0.0}

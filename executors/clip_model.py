@@ -129,7 +129,6 @@ def _load(name_or_path: str, device: str, torch_dtype, with_tokenizer: bool) -> 
     except (OSError, ValueError) as e:
         raise ModelLoadError(model_error_message(name_or_path, e)) from None
     model.eval().to(device)
-    torch.set_grad_enabled(False)
     threads = os.environ.get(THREADS_ENV)
     if threads and device == "cpu":  # torch's intra-op threads for this whole process
         torch.set_num_threads(check_positive_int(THREADS_ENV, threads))

@@ -44,6 +44,9 @@ VECTORS_FILE_F16 = "vectors.f16"
 STORAGE = {"float32": (VECTORS_FILE, np.float32), "float16": (VECTORS_FILE_F16, np.float16)}
 _DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "f32": "float32", "float16": "float16", "fp16": "float16",
                   "f16": "float16", "half": "float16"}
+# A float16 scan by torch keeps this many extra candidates per chunk and re-ranks them all with
+# float32 products, so that float16 rounding of the scores never reorders the top-k.
+RESCORE_MARGIN = 32
 # Rows per chunk of a float16 scan.
 F16_CHUNK_ROWS = 65536
 DB_FILE = "meta.sqlite"
@@ -395,6 +398,7 @@ class VectorStore:
         q = np.ascontiguousarray(queries[0]) if m == 1 else np.ascontiguousarray(queries.T)
         chunk_rows = self.f16_chunk_rows if half else self.chunk_rows
         buf = None
+        rescore = half and torch is not None  # float16 scores pick candidates; float32 ones rank them
         if torch is not None:
             # float16 rows are multiplied as they are stored (float32 accumulation, float16 scores)
             q = torch.from_numpy(q.astype(np.float16) if half else q)
@@ -419,7 +423,7 @@ class VectorStore:
                 scores = scores[:, None]
             if not block_mask.all():
                 scores[~block_mask] = -np.inf
-            k = min(limit, stop - start)
+            k = min(limit + (RESCORE_MARGIN if rescore else 0), stop - start)
             part = np.argpartition(-scores, k - 1, axis=0)[:k] if k < stop - start else np.arange(stop - start)[:, None].repeat(m, 1)
             cand_scores.append(np.take_along_axis(scores, part, axis=0))
             cand_rows.append(part + start)
@@ -427,6 +431,11 @@ class VectorStore:
             return np.full((m, 0), -np.inf, dtype=np.float32), np.full((m, 0), -1, dtype=np.int64)
         all_scores = np.concatenate(cand_scores, axis=0).T  # (m, candidates)
         all_rows = np.concatenate(cand_rows, axis=0).T
+        if rescore:  # exact float32 products of the few candidate rows, as the widening scan computes them
+            for i in range(m):
+                kept = np.isfinite(all_scores[i])
+                rows_i = all_rows[i][kept]
+                all_scores[i][kept] = np.asarray(view[rows_i], dtype=np.float32) @ queries[i]
         order = np.argsort(-all_scores, axis=1, kind="stable")[:, :limit]
         top_scores = np.take_along_axis(all_scores, order, axis=1)
         top_rows = np.take_along_axis(all_rows, order, axis=1)

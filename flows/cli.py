@@ -42,11 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start the index and search flows over gRPC (Ctrl-C stops them)")
     _add_connection(p)
     _add_model(p)
+    p.add_argument("--allow-private-urls", action="store_true", default=None,
+                   help="let the server fetch URLs on loopback, private and link-local addresses "
+                        "(env CLIPSEEK_ALLOW_PRIVATE_URLS=1; off by default against request forgery)")
     p.add_argument("--bind", metavar="HOST", help="listen on this host instead of 127.0.0.1 (e.g. 0.0.0.0 for every "
                                                   "interface; anyone who can reach it can index and search)")
     p.add_argument("--allow-root", dest="allowed_roots", action="append", metavar="DIR",
                    help="read local paths sent by clients only under this folder (repeatable; env "
                         "CLIPSEEK_ALLOWED_ROOTS, os.pathsep-separated; default: anywhere)")
+    p.add_argument("--web", action="store_true", help="also serve a search page on http://HOST:WEB_PORT/ "
+                                                       "(HOST as the flows: 127.0.0.1 unless --bind)")
+    p.add_argument("--web-port", type=int, help="port of the --web page (env CLIPSEEK_WEB_PORT, default 51002)")
 
     p = sub.add_parser("index", help="index images: folders (recursive), globs, files, URLs")
     p.add_argument("sources", nargs="+", help="folder, glob, image file, or http(s)/file/data URL")
@@ -132,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args) -> Settings:
     s = Settings()
-    for name in ("host", "index_port", "search_port", "model", "device", "dtype", "batch_size", "workspace",
-                 "allowed_roots"):
+    for name in ("host", "index_port", "search_port", "web_port", "model", "device", "dtype", "batch_size",
+                 "workspace", "allowed_roots"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(s, name, value)
@@ -167,15 +173,26 @@ def cmd_serve(args) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with running_flows(settings):
+        web = None
+        if getattr(args, "web", False):
+            from flows.client import ClipseekClient
+            from flows.web import create_app, serve_in_thread
+
+            app = create_app(ClipseekClient(settings.index_address, settings.search_address))
+            web = serve_in_thread(app, settings.host, settings.web_port)  # ClipseekError if the port is taken
         print(f"clipseek: index flow grpc://{settings.host}:{settings.index_port}, "
               f"search flow grpc://{settings.host}:{settings.search_port}, model {model}, "
               f"workspace {os.path.abspath(settings.workspace)}. Ctrl-C stops.", flush=True)
+        if web is not None:
+            print(f"clipseek: web page {web.url}", flush=True)
         try:
             while not stop.wait(0.5):
                 pass
         except KeyboardInterrupt:
             pass
         print("clipseek: stopping", flush=True)
+        if web is not None:
+            web.stop()
     return 0
 
 

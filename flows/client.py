@@ -302,7 +302,7 @@ class ClipseekClient:
             with open(path, "rb") as f:
                 doc.bytes_ = f.read()
         else:
-            doc.url = os.path.abspath(path) if path is not None else image
+            doc.url = path_uri(os.path.abspath(path)) if path is not None else image
 
     def _search(self, queries, limit, min_score, filter, like, unlike, weights) -> List[List[Hit]]:
         parameters: Dict[str, Any] = {"limit": int(limit)}

@@ -55,14 +55,15 @@ def build_flows(settings: Settings):
     from jina import Flow
 
     options = {"pretrained_model_name_or_path": settings.model, "device": settings.device,
-               "dtype": settings.dtype, "batch_size": settings.batch_size, "max_megapixels": settings.max_megapixels}
+               "dtype": settings.dtype, "batch_size": settings.batch_size, "max_megapixels": settings.max_megapixels,
+               "allow_private_urls": settings.allow_private_urls or None}
     roots = None if settings.allowed_roots is None else [os.path.abspath(os.path.expanduser(r)) for r in settings.allowed_roots]
     index_flow = Flow.load_config(flow_config(INDEX_FLOW, host=settings.host, port=settings.index_port,
                                                  workspace=settings.workspace, shards=settings.shards,
                                                  encoder_options={**options, "allowed_roots": roots}))
     search_flow = Flow.load_config(flow_config(SEARCH_FLOW, host=settings.host, port=settings.search_port,
                                                workspace=settings.workspace, shards=settings.shards,
-                                               encoder_options={**options, "batch_size": None}))
+                                               encoder_options={**options, "batch_size": None, "allowed_roots": roots}))
     return index_flow, search_flow
 
 

@@ -11,6 +11,7 @@ DEMO_MODEL_DIR = os.path.join(PROJECT_ROOT, "data", "models", "clipseek-demo")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_INDEX_PORT = 51000
 DEFAULT_SEARCH_PORT = 51001
+DEFAULT_WEB_PORT = 51002
 
 
 def _env(name: str, default=None):
@@ -43,11 +44,13 @@ class Settings:
     host: str = field(default_factory=lambda: _env("CLIPSEEK_HOST", DEFAULT_HOST))
     index_port: int = field(default_factory=lambda: _env_int("CLIPSEEK_INDEX_PORT", DEFAULT_INDEX_PORT))
     search_port: int = field(default_factory=lambda: _env_int("CLIPSEEK_SEARCH_PORT", DEFAULT_SEARCH_PORT))
+    web_port: int = field(default_factory=lambda: _env_int("CLIPSEEK_WEB_PORT", DEFAULT_WEB_PORT))
     model: Optional[str] = field(default_factory=lambda: _env("CLIPSEEK_MODEL"))
     device: Optional[str] = field(default_factory=lambda: _env("CLIPSEEK_DEVICE"))
     dtype: Optional[str] = field(default_factory=lambda: _env("CLIPSEEK_DTYPE"))
     batch_size: Optional[int] = field(default_factory=lambda: _env_int("CLIPSEEK_BATCH_SIZE", None))
     max_megapixels: Optional[float] = field(default_factory=lambda: float(_env("CLIPSEEK_MAX_MEGAPIXELS", 0)) or None)
+    allow_private_urls: bool = field(default_factory=lambda: _env("CLIPSEEK_ALLOW_PRIVATE_URLS", "") in ("1", "true", "yes"))
     shards: Optional[int] = field(default_factory=lambda: _env_int("CLIPSEEK_SHARDS", None))
     workspace: str = field(default_factory=lambda: _env("CLIPSEEK_WORKSPACE", os.path.join(PROJECT_ROOT, "workspace")))
     # Folders the index flow may read local paths from (None: anywhere, for a laptop). --allow-root DIR.

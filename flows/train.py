@@ -151,6 +151,7 @@ def train(out_dir: str, minutes: float = 12.0, seed: int = 0, pool_size: int = 2
     eval_pixels, eval_codes = render_pool(seed + 99, eval_size, recipe, workers=threads)
     log(f"rendered {len(pixels)} training and {len(eval_pixels)} held-out pictures in {time.time() - started:.0f} s")
 
+    torch.set_grad_enabled(True)  # a process that served models before may have switched it off
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]

@@ -1,0 +1,171 @@
+"""Latency of one text query through the gRPC search flow at 10k, 100k and 1M indexed vectors,
+next to the text encoder alone, the VectorStore scan alone, numpy brute force and faiss
+IndexFlatIP on the same vectors, all in one run.
+
+    python benchmarks/search_latency.py               # 10k, 100k, 1M (needs ~7 GiB RAM, a few minutes)
+    python benchmarks/search_latency.py --skip-1m     # 10k and 100k only
+    python benchmarks/search_latency.py --sizes 10000,250000 --queries 200
+
+The vectors are random unit vectors written straight into the search flow's VectorStore folder
+under the model name the text encoder reports, so the flow searches them as a real index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from common import make_vit_b32, percentiles, table  # noqa: E402  (sets sys.path and offline env)
+
+WORDS = ("red green blue yellow black white small big cat dog car tree house beach sunset sky sea mountain city "
+         "street flower food bird person people light dark photo of a the with near").split()
+
+
+def query_texts(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 9)))) for _ in range(n)]
+
+
+def unit_rows(rng, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def latencies(fn, items, warmup: int = 3):
+    for item in items[:warmup]:
+        fn(item)
+    out = []
+    for item in items:
+        t0 = time.perf_counter()
+        fn(item)
+        out.append(time.perf_counter() - t0)
+    return percentiles(out)
+
+
+def text_child(model_dir: str, queries: int) -> None:
+    """In a fresh process (no other thread pool competing with torch's): the text encoder alone, as the
+    search flow's CLIPTextEncoder runs it; prints its p50/p99 and the query embeddings as JSON."""
+    import json
+
+    from executors.clip_model import load_clip, text_embeddings
+
+    clip = load_clip(model_dir, "cpu", "float32", with_tokenizer=True)
+    texts = query_texts(queries)
+    p50, p99 = latencies(lambda t: text_embeddings(clip, [t]), texts)
+    vectors = [text_embeddings(clip, [t])[0].tolist() for t in texts]
+    import torch
+
+    print(json.dumps({"p50": p50, "p99": p99, "vectors": vectors, "threads": torch.get_num_threads()}))
+
+
+def encode_texts(model_dir: str, queries: int):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--text-child", model_dir, "--queries", str(queries)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def numpy_top_k(data: np.ndarray, q: np.ndarray, k: int = 10):
+    scores = data @ q
+    part = np.argpartition(-scores, k - 1)[:k]
+    return part[np.argsort(-scores[part])]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,100000,1000000", help="index sizes (default 10k, 100k, 1M)")
+    parser.add_argument("--skip-1m", action="store_true", help="leave out sizes of a million and more")
+    parser.add_argument("--queries", type=int, default=100, help="timed queries per method and size (default 100)")
+    parser.add_argument("--limit", type=int, default=10, help="top-k (default 10)")
+    parser.add_argument("--text-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "clipseek-bench"),
+                        help="the model is cached here between runs")
+    args = parser.parse_args()
+    if args.text_child:
+        text_child(args.text_child, args.queries)
+        return
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    if args.skip_1m:
+        sizes = [s for s in sizes if s < 1_000_000]
+
+    import faiss
+
+    from executors.clip_model import model_id
+    from executors.vector_store import Record, VectorStore
+    from flows.client import ClipseekClient
+    from flows.serving import free_port, running_flows
+    from flows.settings import Settings
+
+    model_dir = make_vit_b32(os.path.join(args.work_dir, "vit-b32-random"))
+    name = model_id(model_dir)
+    texts = query_texts(args.queries)
+    encoded = encode_texts(model_dir, args.queries)
+    qvec = {t: np.asarray(v, dtype=np.float32) for t, v in zip(texts, encoded["vectors"])}
+    dim = len(next(iter(qvec.values())))
+    print(f"{os.cpu_count()} CPUs; torch {encoded['threads']} threads, faiss {faiss.__version__} "
+          f"({faiss.omp_get_max_threads()} threads), numpy {np.__version__}; {dim}-d float32, top-{args.limit}, "
+          f"{args.queries} queries per cell")
+
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as workspace:
+        settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=model_dir,
+                            device="cpu", dtype="float32", workspace=workspace)
+        with running_flows(settings):
+            client = ClipseekClient(settings.index_address, settings.search_address)
+            store_dir = client.status().path  # the folder both flows' indexers use
+            writer = VectorStore(store_dir)
+            data = np.zeros((0, dim), np.float32)
+            try:
+                for size in sizes:
+                    t0 = time.perf_counter()
+                    for start in range(len(data), size, 100_000):
+                        part = unit_rows(rng, min(100_000, size - start), dim)
+                        writer.upsert(part, [Record(id=f"v{start + i}", uri=f"/synthetic/{start + i}.jpg") for i in range(len(part))],
+                                      model=name)
+                        data = np.concatenate([data, part])
+                    print(f"{size} vectors in the store ({time.perf_counter() - t0:.0f} s to add)", flush=True)
+
+                    reader = VectorStore(store_dir)  # a reader of its own, as the search flow's indexer is
+                    index = faiss.IndexFlatIP(dim)
+                    index.add(data)
+
+                    # same answers from every exact method
+                    q = qvec[texts[0]]
+                    want = numpy_top_k(data, q, args.limit)
+                    got_store = [int(r.id[1:]) for r, _ in reader.search(q, limit=args.limit)[0]]
+                    got_faiss = index.search(q[None], args.limit)[1][0]
+                    got_flow = [int(h.id[1:]) for h in client.search(texts[0], limit=args.limit)]
+                    assert list(want) == got_store == list(got_faiss) == got_flow, (want, got_store, got_faiss, got_flow)
+
+                    flow = latencies(lambda t: client.search(t, limit=args.limit), texts)
+                    encoded = encode_texts(model_dir, args.queries)  # again, next to this size's other figures
+                    text = encoded["p50"], encoded["p99"]
+                    store = latencies(lambda t: reader.search(qvec[t], limit=args.limit), texts)
+                    brute = latencies(lambda t: numpy_top_k(data, qvec[t], args.limit), texts)
+                    flat = latencies(lambda t: index.search(qvec[t][None], args.limit), texts)
+                    rows.append([f"{size:,}", *(f"{p50:.2f} / {p99:.2f}" for p50, p99 in (flow, text, store, brute, flat)),
+                                 f"{flow[0] / text[0]:.2f}", f"{flow[0] / (text[0] + store[0]):.2f}", f"{store[0] / flat[0]:.2f}"])
+                    print(table(["vectors", "gRPC search flow", "text encoder alone", "VectorStore.search", "numpy brute force",
+                                 "faiss IndexFlatIP", "flow / text enc.", "flow / (text enc. + store)", "store / faiss"], rows[-1:]), flush=True)
+                    reader.close()
+                    del index
+            finally:
+                writer.close()
+
+    print()
+    print(f"p50 / p99 latency in ms of one query, top-{args.limit}, {dim}-d float32 ({args.queries} queries per cell)")
+    print(table(["vectors", "gRPC search flow", "text encoder alone", "VectorStore.search", "numpy brute force",
+                 "faiss IndexFlatIP", "flow / text enc.", "flow / (text enc. + store)", "store / faiss"], rows))
+
+
+if __name__ == "__main__":
+    main()
