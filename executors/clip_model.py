@@ -128,7 +128,7 @@ def _load(name_or_path: str, device: str, torch_dtype, with_tokenizer: bool) -> 
         processor_config = _processor_config(name_or_path)
     except (OSError, ValueError) as e:
         raise ModelLoadError(model_error_message(name_or_path, e)) from None
-    model.eval().to(device)
+    model.eval().requires_grad_(False).to(device)
     threads = os.environ.get(THREADS_ENV)
     if threads and device == "cpu":  # torch's intra-op threads for this whole process
         torch.set_num_threads(check_positive_int(THREADS_ENV, threads))
