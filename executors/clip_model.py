@@ -184,8 +184,6 @@ def _features(output) -> Any:
 
 
 def _to_unit_numpy(features) -> "Any":
-    import torch
-
     features = features.float()
     features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return features.cpu().numpy().astype("float32", copy=False)

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import socket
-from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import yaml

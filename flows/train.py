@@ -85,8 +85,6 @@ def caption_for(codes: Sequence[int], rng: random.Random):
 
 def positives(caption_codes, caption_mask, image_codes):
     """(captions x images) bool: the image fits everything the caption names."""
-    import torch
-
     eq = caption_codes[:, None, :] == image_codes[None, :, :]
     return (eq | ~caption_mask[:, None, :]).all(dim=-1)
 

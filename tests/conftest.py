@@ -5,7 +5,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JINA_LOG_LEVEL", "WARNING")
 
-import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 

@@ -1,7 +1,6 @@
 """Encoder executors called directly: parity with transformers, batching, errors, parameters."""
 
 import base64
-import io
 
 import numpy as np
 import pytest

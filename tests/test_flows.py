@@ -1,6 +1,5 @@
 """Both flows started from the YAML files over real gRPC on free ports, driven by the client."""
 
-import os
 import time
 
 import numpy as np

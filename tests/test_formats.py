@@ -1,6 +1,5 @@
 """The formats people's photos come in: HEIC/HEIF, AVIF, and a bound on decoded megapixels."""
 
-import io
 
 import numpy as np
 import pytest

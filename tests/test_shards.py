@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 
 from flows import world
 from flows.client import ClipseekClient

@@ -1,6 +1,5 @@
 """Snapshots: one portable, checksummed file; restore verifies before it touches anything."""
 
-import json
 import os
 import subprocess
 import sys

@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 from docarray import DocList
 from jina import Flow
 
