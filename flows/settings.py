@@ -58,12 +58,13 @@ class Settings:
 
     @property
     def index_address(self) -> str:
-        return f"grpc://{_client_host(self.host)}:{self.index_port}"
+        return f"grpc://{client_host(self.host)}:{self.index_port}"
 
     @property
     def search_address(self) -> str:
-        return f"grpc://{_client_host(self.host)}:{self.search_port}"
+        return f"grpc://{client_host(self.host)}:{self.search_port}"
 
 
-def _client_host(host: str) -> str:
+def client_host(host: str) -> str:
+    """The address a client on this machine uses for a server bound to ``host``."""
     return "127.0.0.1" if host in ("0.0.0.0", "") else host

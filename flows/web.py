@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from executors.imaging import local_path
 from flows.client import ClipseekClient, ClipseekError
+from flows.settings import client_host
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ class WebServer:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        host = client_host(self.host)
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}/"
 
