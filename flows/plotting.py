@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import textwrap
 from typing import Optional, Sequence, Tuple
 
 from executors.imaging import ImageError, decode_image, read_source
@@ -42,8 +43,9 @@ def plot_results(results: Sequence[Tuple[str, Sequence]], path: Optional[str] = 
         fig.suptitle(f"“{results[0][0]}”" + ("" if results[0][1] else ": no matches"))
     else:
         for r, (query, hits) in enumerate(results):
-            axes[r][0].text(-0.08, 0.5, f"“{query}”", transform=axes[r][0].transAxes, rotation=90,
-                            ha="right", va="center", fontsize=9)
+            label = "\n".join(textwrap.wrap(f"“{query}”", 22))  # wrapped to stay within its row
+            axes[r][0].text(-0.08, 0.5, label, transform=axes[r][0].transAxes, rotation=90,
+                            ha="right", va="center", fontsize=8)
     for row, col, _query, rank, hit in cells:
         ax = axes[row][col]
         label = f"#{rank + 1}  {hit.score:.3f}"
