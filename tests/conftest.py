@@ -3,9 +3,6 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The test process holds torch and gRPC threads from earlier tests; start the flows' processes
-# fresh instead of forking it (a fork of such a process crashed it once, in a gRPC thread).
-os.environ.setdefault("JINA_MP_START_METHOD", "spawn")
 os.environ.setdefault("JINA_LOG_LEVEL", "WARNING")
 
 import pytest
