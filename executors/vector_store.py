@@ -96,6 +96,9 @@ class VectorStore:
         # (when installed) for float16 rows, which it multiplies without widening them first
         # (benchmarks/indexer_bench.py times both).
         self.scan = "auto"
+        # Threads that scan chunks side by side (numpy scans; torch uses its own threads).
+        self.scan_threads = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+        self._pool = None
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         _make_private(self.path)  # a folder made by someone else first (jina makes the executor's workspace) too
         db_path = os.path.join(self.path, DB_FILE)
@@ -397,36 +400,48 @@ class VectorStore:
         # One query: a matrix-vector product (gemv), the fastest pass over a memory-bound chunk.
         q = np.ascontiguousarray(queries[0]) if m == 1 else np.ascontiguousarray(queries.T)
         chunk_rows = self.f16_chunk_rows if half else self.chunk_rows
-        buf = None
         rescore = half and torch is not None  # float16 scores pick candidates; float32 ones rank them
         if torch is not None:
             # float16 rows are multiplied as they are stored (float32 accumulation, float16 scores)
             q = torch.from_numpy(q.astype(np.float16) if half else q)
-        elif half:  # numpy has no fast float16 product: widen each chunk into a float32 buffer first
-            buf = np.empty((min(chunk_rows, len(view)), view.shape[1]), dtype=np.float32)
-        cand_scores, cand_rows = [], []
-        for start in range(0, len(view), chunk_rows):
+        k_extra = RESCORE_MARGIN if rescore else 0
+
+        def scan_chunk(start: int):
             stop = min(start + chunk_rows, len(view))
             block_mask = mask[start:stop]
             if not block_mask.any():
-                continue
+                return None
             block = np.asarray(view[start:stop])
             if torch is not None:
                 block = _tensor(torch, block)
                 scores = (torch.mv(block, q) if m == 1 else block @ q).float().numpy()
             else:
-                if buf is not None:
-                    np.copyto(buf[: stop - start], block, casting="unsafe")
-                    block = buf[: stop - start]
+                if half:  # numpy has no fast float16 product: widen the chunk into float32 first
+                    block = block.astype(np.float32)
                 scores = block @ q  # (rows,) for one query, else (rows, m)
             if m == 1:
                 scores = scores[:, None]
             if not block_mask.all():
                 scores[~block_mask] = -np.inf
-            k = min(limit + (RESCORE_MARGIN if rescore else 0), stop - start)
+            k = min(limit + k_extra, stop - start)
             part = np.argpartition(-scores, k - 1, axis=0)[:k] if k < stop - start else np.arange(stop - start)[:, None].repeat(m, 1)
-            cand_scores.append(np.take_along_axis(scores, part, axis=0))
-            cand_rows.append(part + start)
+            return np.take_along_axis(scores, part, axis=0), part + start
+
+        starts = range(0, len(view), chunk_rows)
+        if torch is None and len(starts) > 1 and self.scan_threads > 1:
+            # Chunks side by side on the store's own threads, each product on one BLAS thread: as fast as
+            # BLAS's threads on a memory-bound scan, and idle threads sleep instead of spinning, so the
+            # CPU goes back to the other processes of the flow (the text encoder) as soon as a scan ends.
+            with single_threaded_blas():
+                parts = list(self._scan_pool().map(scan_chunk, starts))
+        elif torch is None:
+            with single_threaded_blas():
+                parts = [scan_chunk(start) for start in starts]
+        else:  # torch spreads each product over its own threads
+            parts = [scan_chunk(start) for start in starts]
+        parts = [p for p in parts if p is not None]
+        cand_scores = [p[0] for p in parts]
+        cand_rows = [p[1] for p in parts]
         if not cand_scores:
             return np.full((m, 0), -np.inf, dtype=np.float32), np.full((m, 0), -1, dtype=np.int64)
         all_scores = np.concatenate(cand_scores, axis=0).T  # (m, candidates)
@@ -442,6 +457,13 @@ class VectorStore:
         floor = -np.inf if min_score is None else float(min_score)
         top_rows = np.where((top_scores > -np.inf) & (top_scores >= floor), top_rows, -1)
         return top_scores, top_rows
+
+    def _scan_pool(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.scan_threads, thread_name_prefix="clipseek-scan")
+        return self._pool
 
     def _rows_matching(self, where: Mapping[str, Any], size: int) -> np.ndarray:
         condition, params = filters.to_sql(where)
@@ -550,6 +572,9 @@ class VectorStore:
                 "schema_version": SCHEMA_VERSION, "path": self.path}
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         with self._lock:
             if self._write_fd is not None:
                 os.close(self._write_fd)
@@ -576,6 +601,50 @@ class _Transaction:
 
 
 _TORCH: Any = None
+_BLAS_LOCK = threading.Lock()
+_BLAS_USERS = 0
+_BLAS_LIMIT: Any = None
+_BLAS_CONTROLLER: Any = None
+
+
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries, found once (None without threadpoolctl)."""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # without it BLAS keeps its own threads
+            _BLAS_CONTROLLER = False
+        else:
+            _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER or None
+
+
+class single_threaded_blas:
+    """numpy's BLAS on one thread while any scan runs (re-entrant, safe across threads).
+
+    A multi-threaded OpenBLAS keeps its idle worker threads spinning for a while after each call;
+    in a flow whose processes share a few cores, those spinning threads take CPU from the next
+    request's text encoder. The store parallelises over chunks itself instead.
+    """
+
+    def __enter__(self):
+        global _BLAS_USERS, _BLAS_LIMIT
+        with _BLAS_LOCK:
+            _BLAS_USERS += 1
+            if _BLAS_USERS == 1:
+                controller = _blas_controller()
+                _BLAS_LIMIT = controller.limit(limits=1, user_api="blas") if controller is not None else None
+        return self
+
+    def __exit__(self, *exc):
+        global _BLAS_USERS, _BLAS_LIMIT
+        with _BLAS_LOCK:
+            _BLAS_USERS -= 1
+            if _BLAS_USERS == 0 and _BLAS_LIMIT is not None:
+                _BLAS_LIMIT.restore_original_limits()
+                _BLAS_LIMIT = None
+        return False
 
 
 def _torch():

@@ -1,4 +1,4 @@
-"""A thin typed client for the index and search flows, over jina's gRPC Client.
+"""A thin typed client for the index and search flows, over gRPC (one open channel per flow).
 
     from flows.client import ClipseekClient
     client = ClipseekClient()                       # 127.0.0.1:51000 (index) and :51001 (search)
@@ -22,12 +22,16 @@ from docarray import DocList
 from executors.docs import STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, QueryPart, TextQuery
 from executors.imaging import content_hash, is_image_file, local_path, path_uri, uri_id
 from flows.settings import Settings
+from flows.transport import GrpcTransport, TransportError
 
 logger = logging.getLogger(__name__)
 
 URL_PREFIXES = ("http://", "https://", "file://", "data:")
 # Image bytes sent in one request at most (a remote server's gateway refuses requests over 256 MiB).
 MAX_REQUEST_BYTES = 64 * 2**20
+# The search flow's executors a query without images goes through (jina matches it against each executor's
+# name): every one but the image encoder. A flow whose executors are named otherwise is simply not shortened.
+TEXT_ONLY_ROUTE = r"^(?!image_encoder$)"
 
 
 class ClipseekError(RuntimeError):
@@ -103,27 +107,31 @@ class ClipseekClient:
         # A server on this machine reads local files itself; a remote one is sent the bytes.
         self.send_bytes = (not _is_loopback(index_host)) if send_bytes is None else send_bytes
         self.timeout = timeout
-        self._clients: Dict[str, Any] = {}
+        self._transport = GrpcTransport()
+
+    def close(self) -> None:
+        """Close the open channels (a later request opens them again)."""
+        self._transport.close()
+
+    def __enter__(self) -> "ClipseekClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- transport ---------------------------------------------------------------------
-    def _client(self, address: str):
-        if address not in self._clients:
-            from jina import Client
-
-            self._clients[address] = Client(host=address)
-        return self._clients[address]
-
-    def _post(self, address: str, endpoint: str, docs, return_type, parameters: Optional[dict] = None):
-        """The one place requests go out; transport errors become ClipseekError."""
+    def _post(self, address: str, endpoint: str, docs, return_type, parameters: Optional[dict] = None,
+              target_executor: Optional[str] = None):
+        """The one place requests go out; transport and server errors become ClipseekError."""
         try:
-            return self._client(address).post(
-                endpoint, inputs=docs, parameters=parameters or {}, return_type=return_type,
-                request_size=max(1, len(docs)) if docs is not None else 1, timeout=self.timeout,
-            )
-        except ConnectionError as e:
-            raise ClipseekError(f"cannot reach {address}{endpoint}: is `clipseek serve` running? ({e})") from None
-        except Exception as e:  # jina raises BadServer and grpc errors with long bodies
-            raise ClipseekError(f"{address}{endpoint} failed: {_short_error(e)}") from None
+            return self._transport.post(address, endpoint, docs, return_type, parameters, timeout=self.timeout,
+                                        target_executor=target_executor)
+        except TransportError as e:
+            if e.unreachable:
+                raise ClipseekError(f"cannot reach {address}{endpoint}: is `clipseek serve` running? ({e})") from None
+            raise ClipseekError(f"{address}{endpoint} failed: {e}") from None
+        except ValueError as e:  # a malformed address
+            raise ClipseekError(str(e)) from None
 
     # ---- index -------------------------------------------------------------------------
     def index(self, sources: Iterable[str], *, batch_size: int = 64, tags: Optional[Dict[str, Any]] = None,
@@ -317,7 +325,10 @@ class ClipseekClient:
         for key in ("query_weight", "like_weight", "unlike_weight"):
             if weights and key in weights:
                 parameters[key] = float(weights[key])
-        answers = self._post(self.search_address, "/search", DocList[TextQuery](queries), DocList[TextQuery], parameters)
+        # A query without any image skips the search flow's image encoder: one gRPC hop less.
+        target = None if any(_has_image(q) for q in queries) else TEXT_ONLY_ROUTE
+        answers = self._post(self.search_address, "/search", DocList[TextQuery](queries), DocList[TextQuery], parameters,
+                             target_executor=target)
         results = []
         for answer in answers:
             if answer.error:
@@ -325,6 +336,13 @@ class ClipseekClient:
                 raise ClipseekError(f"search {label!r}: {answer.error}")
             results.append(list(answer.matches))
         return results
+
+
+def _has_image(query: TextQuery) -> bool:
+    def image(doc) -> bool:
+        return bool(doc.url or doc.bytes_ or doc.tensor is not None)
+
+    return image(query) or any(image(part) for part in (query.parts or []))
 
 
 def _split_by_bytes(docs, max_bytes: int) -> Iterable:
@@ -369,11 +387,3 @@ def _reason(error: str, source: Optional[str]) -> str:
     if source and error.startswith(f"{source}: "):
         return error[len(source) + 2 :]
     return error
-
-
-def _short_error(error: Exception) -> str:
-    header = getattr(error, "args", [None])[0]
-    description = getattr(getattr(header, "status", None), "description", None)
-    if description:
-        return str(description).splitlines()[0]
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -40,6 +40,10 @@ def flow_config(path: str, *, host: str, port: int, workspace: str, encoder_opti
                 executor[key] = os.path.join(base, uses)
         if shards and "shards" in executor:
             executor["shards"] = int(shards)
+        if int(executor.get("shards", 1)) == 1:
+            # One shard has nothing to merge: without a head and merger each request saves two gRPC hops.
+            executor.pop("uses_after", None)
+            executor.pop("polling", None)
         if "encoder" in executor.get("name", ""):
             overrides = {k: v for k, v in encoder_options.items() if v is not None}
             executor["uses_with"] = {**(executor.get("uses_with") or {}), **overrides}
@@ -66,9 +70,22 @@ def build_flows(settings: Settings):
     return index_flow, search_flow
 
 
+def preload() -> None:
+    """Import what every executor needs (torch, transformers, the executors) once, before jina forks them:
+    each executor process then starts with the modules already in its (shared, copy-on-write) memory."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import CLIPModel  # noqa: F401
+
+    import executors.clip_image_encoder  # noqa: F401
+    import executors.clip_text_encoder  # noqa: F401
+    import executors.simple_indexer  # noqa: F401
+
+
 @contextlib.contextmanager
 def running_flows(settings: Settings) -> Iterator[Tuple[Any, Any]]:
     """Both flows started (index first: it creates the index the search flow opens), closed on exit."""
+    preload()
     index_flow, search_flow = build_flows(settings)
     with contextlib.ExitStack() as stack:
         stack.enter_context(index_flow)
@@ -76,6 +93,57 @@ def running_flows(settings: Settings) -> Iterator[Tuple[Any, Any]]:
         logger.info("index flow on %s:%d, search flow on %s:%d", settings.host, settings.index_port,
                     settings.host, settings.search_port)
         yield index_flow, search_flow
+
+
+def _serve_until_stopped(settings: Settings, start_method: str, ready, stop, errors) -> None:
+    import multiprocessing
+
+    try:
+        # A spawned process defaults to spawning its own children; jina starts the executors the way the
+        # parent would have (fork on Linux), from this process, which has no threads yet.
+        multiprocessing.set_start_method(start_method, force=True)
+        with running_flows(settings):
+            ready.set()
+            stop.wait()
+    except BaseException as e:  # reported to the parent, which raises it
+        errors.put(f"{type(e).__name__}: {e}")
+
+
+@contextlib.contextmanager
+def flows_in_subprocess(settings: Settings, timeout: float = 300.0) -> Iterator[None]:
+    """Both flows served by a fresh Python process (started by spawn), stopped on exit.
+
+    jina starts each executor by forking the process that enters the flow. A process that
+    already runs threads of its own (torch's, gRPC's, a web server's) should not fork; this
+    starts the flows from a clean interpreter instead, as ``clipseek serve`` does.
+    """
+    import multiprocessing
+    import queue
+    import time
+
+    context = multiprocessing.get_context("spawn")
+    ready, stop, errors = context.Event(), context.Event(), context.Queue()
+    process = context.Process(target=_serve_until_stopped,
+                              args=(settings, multiprocessing.get_start_method(), ready, stop, errors),
+                              name="clipseek-flows")
+    process.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.2):
+            if not process.is_alive() or time.monotonic() > deadline:
+                try:
+                    reason = errors.get(timeout=1)
+                except queue.Empty:
+                    reason = f"exit code {process.exitcode}" if not process.is_alive() else f"not ready after {timeout:.0f} s"
+                raise RuntimeError(f"the flows did not start: {reason}")
+        yield
+    finally:
+        stop.set()
+        process.join(120)
+        if process.is_alive():
+            logger.warning("the flows' process did not stop in time; terminating it")
+            process.terminate()
+            process.join(30)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -27,7 +27,7 @@ from executors.clip_image_encoder import CLIPImageEncoder
 from executors.docs import ImageInput
 from executors.imaging import ImageError, local_path, path_uri, read_source, uri_id
 from flows.client import ClipseekClient, ClipseekError
-from flows.serving import free_port, running_flows
+from flows.serving import flows_in_subprocess, free_port
 from flows.settings import Settings
 
 from .conftest import draw_picture
@@ -113,7 +113,7 @@ def served(tiny_model, tmp_path_factory):
     settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=tiny_model,
                         device="cpu", workspace=str(tmp_path_factory.mktemp("workspace")),
                         allow_private_urls=True)  # the test's HTTP server is on loopback
-    with running_flows(settings):
+    with flows_in_subprocess(settings):
         yield settings, ClipseekClient(settings.index_address, settings.search_address, timeout=120)
 
 

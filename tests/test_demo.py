@@ -40,7 +40,7 @@ def test_semantic_search_over_grpc(tmp_path):
     """Held-out pictures (a seed never trained on) indexed through the flows and searched with
     their captions: precision@5 >= 0.8 (a hit counts when it fits every attribute the caption names)."""
     from flows.client import ClipseekClient
-    from flows.serving import free_port, running_flows
+    from flows.serving import flows_in_subprocess, free_port
     from flows.settings import Settings
 
     folder = str(tmp_path / "world")
@@ -49,7 +49,7 @@ def test_semantic_search_over_grpc(tmp_path):
                         device="cpu", workspace=str(tmp_path / "ws"))
     by_file = {r["file"]: world.scene_of(r) for r in records}
     captions = sorted({r["caption"] for r in records})
-    with running_flows(settings):
+    with flows_in_subprocess(settings):
         client = ClipseekClient(settings.index_address, settings.search_address)
         assert len(client.index([folder]).indexed) == 240
         answers = client.search_many(captions, limit=5)

@@ -32,7 +32,7 @@ def test_groups_are_found_blockwise(tmp_path):
 @pytest.mark.skipif(not os.path.exists(os.path.join(DEMO_MODEL_DIR, "config.json")), reason="no demo model")
 def test_variants_of_the_same_picture_group_together(tmp_path):
     from flows.client import ClipseekClient
-    from flows.serving import free_port, running_flows
+    from flows.serving import flows_in_subprocess, free_port
     from flows.settings import Settings
 
     folder = tmp_path / "pictures"
@@ -59,7 +59,7 @@ def test_variants_of_the_same_picture_group_together(tmp_path):
         variants[stem] = {name, f"{stem}_resized.png", f"{stem}_recompressed.jpg", f"{stem}_cropped.png"}
     settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=DEMO_MODEL_DIR,
                         device="cpu", workspace=str(tmp_path / "ws"))
-    with running_flows(settings):
+    with flows_in_subprocess(settings):
         client = ClipseekClient(settings.index_address, settings.search_address)
         client.index([str(folder)])
         groups = client.duplicates(threshold=0.97)

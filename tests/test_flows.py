@@ -9,7 +9,7 @@ from docarray import DocList
 from executors.docs import ImageInput, TextQuery
 from executors.imaging import uri_id
 from flows.client import ClipseekClient, ClipseekError
-from flows.serving import free_port, running_flows
+from flows.serving import flows_in_subprocess, free_port
 from flows.settings import Settings
 
 from .conftest import draw_picture
@@ -19,7 +19,7 @@ from .conftest import draw_picture
 def served(tiny_model, tmp_path_factory):
     settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=tiny_model,
                         device="cpu", workspace=str(tmp_path_factory.mktemp("workspace")))
-    with running_flows(settings):
+    with flows_in_subprocess(settings):
         yield settings, ClipseekClient(settings.index_address, settings.search_address)
 
 
@@ -116,6 +116,36 @@ def test_documents_from_plain_docarray_types(served, picture_dir):
     answer = Client(host=settings.search_address).post("/search", DocList[TextDoc]([TextDoc(text="blue")]),
                                                        parameters={"limit": 2}, return_type=DocList[TextQuery])
     assert len(answer[0].matches) == 2 and {m.uri for m in answer[0].matches} <= set(paths)
+
+
+def test_text_only_queries_skip_the_image_encoder(served, picture_dir):
+    settings, client = served
+    root, paths = picture_dir
+    client.clear()
+    client.index([str(root)])
+    import flows.client as client_module
+
+    def routed(query, target):
+        answer = client._transport.request(settings.search_address, "/search", DocList[TextQuery]([query]),
+                                           DocList[TextQuery], {"limit": 4}, target_executor=target)
+        # jina lists every executor in the routes; one that was sent the request has the time its answer came
+        ran = [r.executor for r in answer.routes if r.executor != "gateway" and r.end_time.ToNanoseconds() > 0]
+        return ran, [(m.id, round(m.score, 6)) for m in answer.docs[0].matches]
+
+    every_hop, expected = routed(TextQuery(text="a red circle"), None)
+    assert every_hop == ["text_encoder", "image_encoder", "indexer"]
+    shortened, got = routed(TextQuery(text="a red circle"), client_module.TEXT_ONLY_ROUTE)
+    assert shortened == ["text_encoder", "indexer"] and got == expected and len(got) == 4
+    # the client shortens text-only queries, and only those: an image query still reaches the image encoder
+    assert [(h.id, round(h.score, 6)) for h in client.search("a red circle", limit=4)] == expected
+    assert client.search(image=paths[0], limit=1)[0].uri == paths[0]
+
+
+def test_client_closes_and_reopens_its_channels(served):
+    settings, _ = served
+    with ClipseekClient(settings.index_address, settings.search_address) as client:
+        first = client.status().count
+    assert client.status().count == first  # a request after close() opens a new channel
 
 
 def test_unreachable_server_is_a_clear_error():

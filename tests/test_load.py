@@ -15,7 +15,7 @@ import pytest
 
 from executors.imaging import uri_id
 from flows.client import ClipseekClient
-from flows.serving import free_port, running_flows
+from flows.serving import flows_in_subprocess, free_port
 from flows.settings import Settings
 
 from .conftest import COLOURS, draw_picture
@@ -45,7 +45,7 @@ def _rss(processes) -> int:
 def served(tiny_model, tmp_path):
     settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=tiny_model,
                         device="cpu", workspace=str(tmp_path / "workspace"))
-    with running_flows(settings):
+    with flows_in_subprocess(settings):
         yield settings
 
 

@@ -15,7 +15,7 @@ from docarray import DocList
 from executors.docs import ImageInput
 from executors.imaging import ImageError, check_allowed_root, read_source
 from flows.client import ClipseekClient, ClipseekError
-from flows.serving import INDEX_FLOW, SEARCH_FLOW, build_flows, flow_config, free_port, running_flows
+from flows.serving import INDEX_FLOW, SEARCH_FLOW, build_flows, flow_config, flows_in_subprocess, free_port
 from flows.settings import Settings
 
 from .conftest import draw_picture
@@ -43,7 +43,7 @@ def served(tiny_model, tmp_path_factory, layout):
     _, allowed, *_ = layout
     settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=tiny_model,
                         device="cpu", workspace=str(tmp_path_factory.mktemp("workspace")), allowed_roots=[str(allowed)])
-    with running_flows(settings):
+    with flows_in_subprocess(settings):
         yield settings, ClipseekClient(settings.index_address, settings.search_address, timeout=60)
 
 

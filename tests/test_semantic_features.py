@@ -7,7 +7,7 @@ import pytest
 
 from flows import world
 from flows.client import ClipseekClient
-from flows.serving import free_port, running_flows
+from flows.serving import flows_in_subprocess, free_port
 from flows.settings import DEMO_MODEL_DIR, Settings
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DEMO_MODEL_DIR, "config.json")),
@@ -20,7 +20,7 @@ def world_served(tmp_path_factory):
     records = world.write_world(str(folder), n=160, seed=31)
     settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=DEMO_MODEL_DIR,
                         device="cpu", workspace=str(tmp_path_factory.mktemp("ws")))
-    with running_flows(settings):
+    with flows_in_subprocess(settings):
         client = ClipseekClient(settings.index_address, settings.search_address)
         assert len(client.index([str(folder)]).indexed) == 160
         yield client, folder, {r["file"]: r for r in records}

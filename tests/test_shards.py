@@ -5,7 +5,7 @@ import os
 
 from flows import world
 from flows.client import ClipseekClient
-from flows.serving import INDEX_FLOW, SEARCH_FLOW, flow_config, free_port, running_flows
+from flows.serving import INDEX_FLOW, SEARCH_FLOW, flow_config, flows_in_subprocess, free_port
 from flows.settings import Settings
 
 
@@ -15,6 +15,10 @@ def test_flow_yamls_declare_replicas_and_shards():
         *encoders, indexer = config["executors"]
         assert all(e["replicas"] == 1 for e in encoders) and indexer["shards"] == 3
         assert os.path.isabs(indexer["uses_after"]) and indexer["uses_after"].endswith("shard_merger.yml")
+        # one shard has nothing to merge: no head, no merger, two hops less per request
+        single = flow_config(path, host="127.0.0.1", port=1, workspace="/tmp/x", encoder_options={}, shards=1)
+        indexer = single["executors"][-1]
+        assert indexer["shards"] == 1 and "uses_after" not in indexer and "polling" not in indexer
 
 
 def test_two_shards_give_the_same_top_k_as_one(tiny_model, tmp_path):
@@ -25,7 +29,7 @@ def test_two_shards_give_the_same_top_k_as_one(tiny_model, tmp_path):
     for shards in (1, 2):
         settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=tiny_model,
                             device="cpu", workspace=str(tmp_path / f"ws{shards}"), shards=shards)
-        with running_flows(settings):
+        with flows_in_subprocess(settings):
             client = ClipseekClient(settings.index_address, settings.search_address)
             report = client.index([folder], batch_size=4)  # 8 requests, spread over the shards
             assert len(report.indexed) == 30

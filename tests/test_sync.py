@@ -8,7 +8,7 @@ import pytest
 
 from executors.imaging import uri_id
 from flows.client import ClipseekClient
-from flows.serving import free_port, running_flows
+from flows.serving import flows_in_subprocess, free_port
 from flows.settings import Settings
 from flows.watch import watch
 
@@ -19,7 +19,7 @@ from .conftest import draw_picture
 def served(tiny_model, tmp_path_factory):
     settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=tiny_model,
                         device="cpu", workspace=str(tmp_path_factory.mktemp("ws")))
-    with running_flows(settings):
+    with flows_in_subprocess(settings):
         yield ClipseekClient(settings.index_address, settings.search_address)
 
 

@@ -98,6 +98,39 @@ def test_top_k_matches_brute_force_across_chunks(filled, rng):
         assert np.all(np.diff(scores) <= 0), "hits must come best first"
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_chunks_scanned_side_by_side_give_the_same_top_k(filled, rng, threads):
+    store, data, ids = filled
+    store.chunk_rows, store.scan_threads = 700, threads  # 8 chunks, the last one short
+    queries = rng.standard_normal((3, DIM)).astype(np.float32)
+    for q in (queries[0], queries):  # one query (gemv) and several (gemm)
+        results = store.search(q, limit=12, where={"group": "b"})
+        keep = [i for i in range(len(ids)) if i % 250 != 7]
+        expected = brute_force(data[keep], [ids[i] for i in keep], np.atleast_2d(q), 12)
+        for hits, (want_ids, want_scores) in zip(results, expected):
+            assert [r.id for r, _ in hits] == want_ids
+            np.testing.assert_allclose([s for _, s in hits], want_scores, atol=1e-5)
+
+
+def test_scans_run_numpy_blas_on_one_thread_and_restore_it(filled, rng):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from executors.vector_store import single_threaded_blas
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    with single_threaded_blas():
+        with single_threaded_blas():  # re-entrant: the inner exit keeps the limit
+            pass
+        assert set(blas_threads()) <= {1}
+    assert blas_threads() == before
+    store, _, _ = filled
+    store.chunk_rows = 1000
+    store.search(rng.standard_normal(DIM).astype(np.float32), limit=3)
+    assert blas_threads() == before
+
+
 def test_limit_larger_than_store_returns_everything_sorted(filled, rng):
     store, data, ids = filled
     q = rng.standard_normal(DIM).astype(np.float32)

@@ -31,7 +31,7 @@ QUERY = "a large red cross on a gray background"  # two pictures of the seed-5 w
 def web(tmp_path_factory):
     """Both flows on free ports with the 60-picture seed-5 world indexed, and the page served on 127.0.0.1."""
     from flows.client import ClipseekClient
-    from flows.serving import running_flows
+    from flows.serving import flows_in_subprocess
     from flows.settings import Settings
     from flows.web import create_app, serve_in_thread
 
@@ -40,7 +40,7 @@ def web(tmp_path_factory):
     records = world.write_world(folder, n=60, seed=5)
     settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=DEMO_MODEL_DIR,
                         device="cpu", workspace=str(root / "ws"))
-    with running_flows(settings):
+    with flows_in_subprocess(settings):
         client = ClipseekClient(settings.index_address, settings.search_address)
         assert len(client.index([folder]).indexed) == 60
         with serve_in_thread(create_app(client), "127.0.0.1", free_port()) as server:
