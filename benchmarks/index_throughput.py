@@ -1,8 +1,8 @@
 """Indexing throughput: the raw CLIP image model on ready-made tensors against the whole index
 flow (files -> gRPC -> CLIPImageEncoder -> SimpleIndexer -> memmap), with a per-stage time split.
 
-    python benchmarks/index_throughput.py                      # 320 photos, batch 32 (a few minutes on 2 cores)
-    python benchmarks/index_throughput.py --images 2000 --modes draft --request-size 256
+    python benchmarks/index_throughput.py                      # 320 photos, batch 32, 256 per request (a few minutes on 2 cores)
+    CLIPSEEK_TORCH_THREADS=1 python benchmarks/index_throughput.py --modes draft --request-size 64
 
 The model is ViT-B/32 shaped (transformers ``CLIPConfig()`` defaults) with random weights: the
 speed is that of the real model, the embeddings are not meaningful.
@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from common import make_photos, make_vit_b32, table  # noqa: E402  (sets sys.path and offline env)
+from flows.settings import DEFAULT_REQUEST_SIZE  # noqa: E402
 
 
 def raw_model(clip, batch_size: int, images: int, warmup: int = 2) -> float:
@@ -124,7 +125,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=320, help="photos to index end to end (default 320)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
-    parser.add_argument("--request-size", type=int, default=64, help="images per gRPC request, as `clipseek index` sends (default 64)")
+    parser.add_argument("--request-size", type=int, default=DEFAULT_REQUEST_SIZE,
+                        help=f"images per gRPC request (default {DEFAULT_REQUEST_SIZE}, as `clipseek index` sends)")
     parser.add_argument("--split-images", type=int, default=64, help="photos for the serial per-stage split and the draft cosine (default 64)")
     parser.add_argument("--modes", default="full,draft", help="decode modes to run end to end: full, draft or both (default both)")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "clipseek-bench"),
@@ -149,7 +151,7 @@ def main():
 
     from executors.clip_model import load_clip
     from flows.client import ClipseekClient
-    from flows.serving import free_port, running_flows
+    from flows.serving import flows_in_subprocess, free_port
     from flows.settings import Settings
 
     if args.threads:
@@ -183,7 +185,7 @@ def main():
     with tempfile.TemporaryDirectory() as workspace:
         settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=model_dir,
                             device="cpu", dtype="float32", batch_size=args.batch_size, workspace=workspace)
-        with running_flows(settings):
+        with flows_in_subprocess(settings):
             client = ClipseekClient(settings.index_address, settings.search_address)
             for mode in modes:  # warm up each path once (first model call, first decode)
                 client.index(warm, batch_size=args.batch_size, force=True, parameters={"draft_decode": mode == "draft"})

@@ -101,7 +101,7 @@ def main():
     from executors.clip_model import model_id
     from executors.vector_store import Record, VectorStore
     from flows.client import ClipseekClient
-    from flows.serving import free_port, running_flows
+    from flows.serving import flows_in_subprocess, free_port
     from flows.settings import Settings
 
     model_dir = make_vit_b32(os.path.join(args.work_dir, "vit-b32-random"))
@@ -119,7 +119,7 @@ def main():
     with tempfile.TemporaryDirectory() as workspace:
         settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=model_dir,
                             device="cpu", dtype="float32", workspace=workspace)
-        with running_flows(settings):
+        with flows_in_subprocess(settings):
             client = ClipseekClient(settings.index_address, settings.search_address)
             store_dir = client.status().path  # the folder both flows' indexers use
             writer = VectorStore(store_dir)

@@ -11,7 +11,7 @@ import sys
 import threading
 from typing import List, Optional
 
-from flows.settings import DEFAULT_HOST, Settings
+from flows.settings import DEFAULT_HOST, DEFAULT_REQUEST_SIZE, Settings
 
 
 def _add_connection(p: argparse.ArgumentParser) -> None:
@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="index images: folders (recursive), globs, files, URLs")
     p.add_argument("sources", nargs="+", help="folder, glob, image file, or http(s)/file/data URL")
-    p.add_argument("--batch-size", type=int, default=32, help="documents per request (default 32)")
+    p.add_argument("--request-size", "--batch-size", dest="request_size", type=int, default=DEFAULT_REQUEST_SIZE,
+                   help=f"images per request (default {DEFAULT_REQUEST_SIZE}: several model batches, so decoding "
+                        f"overlaps the model for most of each request)")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="tag stored with every image")
     p.add_argument("--force", action="store_true", help="re-index files even when unchanged")
     p.add_argument("--prune", action="store_true", help="remove indexed files under the given folders that are gone")
@@ -209,7 +211,7 @@ def _parse_tags(pairs: List[str]) -> dict:
 def cmd_index(args) -> int:
     client = _client(args)
     tags = _parse_tags(args.tag)
-    report = client.index(args.sources, batch_size=args.batch_size, tags=tags, force=args.force,
+    report = client.index(args.sources, batch_size=args.request_size, tags=tags, force=args.force,
                           progress=_progress("indexing"))
     _print_report(report)
     if args.prune:
@@ -225,7 +227,7 @@ def cmd_index(args) -> int:
         folders = [s for s in args.sources if os.path.isdir(os.path.expanduser(s))]
         print(f"watching {', '.join(folders)} (Ctrl-C stops)", flush=True)
         try:
-            watch(client, folders, stop=stop, tags=tags, batch_size=args.batch_size,
+            watch(client, folders, stop=stop, tags=tags, batch_size=args.request_size,
                   on_batch=lambda r, deleted: (_print_report(r), print(f"deleted {deleted}", flush=True)))
         except KeyboardInterrupt:
             pass

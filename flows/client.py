@@ -21,7 +21,7 @@ from docarray import DocList
 
 from executors.docs import STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, QueryPart, TextQuery
 from executors.imaging import content_hash, is_image_file, local_path, path_uri, uri_id
-from flows.settings import Settings
+from flows.settings import DEFAULT_REQUEST_SIZE, Settings
 from flows.transport import GrpcTransport, TransportError
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class ClipseekClient:
             raise ClipseekError(str(e)) from None
 
     # ---- index -------------------------------------------------------------------------
-    def index(self, sources: Iterable[str], *, batch_size: int = 64, tags: Optional[Dict[str, Any]] = None,
+    def index(self, sources: Iterable[str], *, batch_size: int = DEFAULT_REQUEST_SIZE, tags: Optional[Dict[str, Any]] = None,
               force: bool = False, parameters: Optional[dict] = None,
               progress: Optional[Callable[[int, int], None]] = None) -> IndexReport:
         """Index files, folders, globs and URLs; unchanged files are skipped unless ``force``.

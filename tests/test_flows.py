@@ -148,6 +148,15 @@ def test_client_closes_and_reopens_its_channels(served):
     assert client.status().count == first  # a request after close() opens a new channel
 
 
+def test_flows_that_cannot_start_are_a_clear_error(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=missing,
+                        device="cpu", workspace=str(tmp_path / "ws"))
+    with pytest.raises(RuntimeError, match="the flows did not start"):
+        with flows_in_subprocess(settings, timeout=240):
+            pass
+
+
 def test_unreachable_server_is_a_clear_error():
     port = free_port()
     client = ClipseekClient(f"grpc://127.0.0.1:{port}", f"grpc://127.0.0.1:{port}", timeout=5)
