@@ -50,7 +50,7 @@ def create(store: VectorStore, path: str) -> Dict:
             records_out.close()
             zf.write(records_tmp, "records.jsonl")
             manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": store.model, "dim": dim,
-                        "count": count,
+                        "count": count, "storage_dtype": store.dtype,
                         "sha256": {"vectors.f32": vec_hash.hexdigest(), "records.jsonl": rec_hash.hexdigest()}}
             zf.writestr("manifest.json", json.dumps(manifest, indent=2))
         os.replace(tmp, path)
@@ -128,11 +128,14 @@ def restore(path: str, folder: str, *, expect_model: Optional[str] = None) -> Di
         if expect_model and manifest["model"] and manifest["model"] != expect_model:
             raise SnapshotError(f"{path} holds embeddings of {manifest['model']!r}, not of {expect_model!r}")
         current.clear()  # takes the writer lock: refused while a server writes to this index
+        # the rows travel as float32; they are stored again as the snapshot's index stored them
+        # (snapshots written before this was recorded keep the dtype of the index they replace)
+        dtype = manifest.get("storage_dtype") or current.dtype
         staged = folder.rstrip("/") + ".restoring"
         shutil.rmtree(staged, ignore_errors=True)
     finally:
         current.close()
-    fresh = VectorStore(staged)
+    fresh = VectorStore(staged, dtype=dtype)
     try:
         with zipfile.ZipFile(path) as zf, zf.open("vectors.f32") as vec_in, zf.open("records.jsonl") as rec_in:
             row_bytes = manifest["dim"] * 4

@@ -40,6 +40,22 @@ def test_create_verify_restore_round_trip(tmp_path):
     assert not os.path.exists(str(tmp_path / "b") + ".restoring")
 
 
+def test_float16_index_is_restored_as_float16(tmp_path):
+    rng = np.random.default_rng(4)
+    vectors = rng.normal(size=(200, 16)).astype(np.float32)
+    store = VectorStore(str(tmp_path / "half"), dtype="float16")
+    store.upsert(vectors, [Record(id=f"id{i}", uri=f"/p/{i}.jpg") for i in range(200)], model="m1")
+    expected = _top(store, vectors)
+    manifest = snapshot.create(store, str(tmp_path / "snap.zip"))
+    store.close()
+    assert manifest["storage_dtype"] == "float16"
+    snapshot.restore(str(tmp_path / "snap.zip"), str(tmp_path / "back"))
+    restored = VectorStore(str(tmp_path / "back"))
+    assert restored.dtype == "float16" and restored.count == 200 and _top(restored, vectors) == expected
+    assert os.path.exists(str(tmp_path / "back" / "vectors.f16")) and not os.path.exists(str(tmp_path / "back" / "vectors.f32"))
+    restored.close()
+
+
 def _untouched_after(tmp_path, bad_file, match):
     store, vectors = _fill(tmp_path / "live", seed=3)
     before = _top(store, vectors)
