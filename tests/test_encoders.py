@@ -201,3 +201,33 @@ def test_float16_on_cuda_matches_float32(tiny_model, picture_dir):
     f16.encode(b)
     cos = (np.stack([d.embedding for d in a]) * np.stack([d.embedding for d in b])).sum(1)
     assert cos.min() > 0.99
+
+
+def test_models_run_on_one_thread_whoever_calls_them(tiny_model):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from executors import clip_model
+
+    clip = load_clip(tiny_model, "cpu", "float32", with_tokenizer=True)
+    seen = []
+    real = clip_model._text_features
+
+    def spy(*args):
+        seen.append(threading.current_thread().name)
+        return real(*args)
+
+    clip_model._text_features = spy
+    try:
+        with ThreadPoolExecutor(4) as pool:  # as a server's pool calls the executor
+            vectors = list(pool.map(lambda t: clip_model.text_embeddings(clip, [t]), ["red", "green", "blue", "a photo"] * 3))
+    finally:
+        clip_model._text_features = real
+    assert len(seen) == 12 and len(set(seen)) == 1 and seen[0].startswith(clip_model.MODEL_THREAD)
+    np.testing.assert_allclose(vectors[0], clip_model.text_embeddings(clip, ["red"]), atol=1e-6)
+    # nested calls run in place instead of waiting on themselves; errors come back to the caller
+    assert clip_model.on_model_thread(clip_model.on_model_thread, threading.current_thread).name == seen[0]
+    with pytest.raises(ZeroDivisionError):
+        clip_model.on_model_thread(lambda: 1 / 0)
+    clip_model._reset_model_thread()  # what a forked child does: a thread of its own on first use
+    assert clip_model.on_model_thread(threading.current_thread).name.startswith(clip_model.MODEL_THREAD)
