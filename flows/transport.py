@@ -85,20 +85,35 @@ class GrpcTransport:
         if parameters:
             request.parameters = parameters
         request.data.docs = docs if docs is not None else return_type()
-        try:
-            response = self._call(address)(request, timeout=timeout)
-        except grpc.RpcError as e:
-            code = e.code() if callable(getattr(e, "code", None)) else None
-            details = (e.details() if callable(getattr(e, "details", None)) else "") or str(code)
-            unreachable = code == grpc.StatusCode.UNAVAILABLE
-            raise TransportError(details.strip().splitlines()[0] if details.strip() else str(code),
-                                 unreachable=unreachable) from None
+        for attempt in (1, 2):
+            try:
+                response = self._call(address)(request, timeout=timeout)
+                break
+            except grpc.RpcError as e:
+                code = e.code() if callable(getattr(e, "code", None)) else None
+                details = (e.details() if callable(getattr(e, "details", None)) else "") or str(code)
+                unreachable = code == grpc.StatusCode.UNAVAILABLE
+                if unreachable:
+                    # A channel that saw the server down backs off for up to minutes before it tries again;
+                    # a fresh one connects now (a restarted server is reached at once). Every endpoint of the
+                    # flows can be sent twice: indexing is an upsert by id, the rest reads or deletes by id.
+                    self._forget(address)
+                    if attempt == 1:
+                        continue
+                raise TransportError(details.strip().splitlines()[0] if details.strip() else str(code),
+                                     unreachable=unreachable) from None
         status = response.header.status
         if status.code == jina_pb2.StatusProto.ERROR:
             description = status.description or status.exception.name or "the server answered with an error"
             raise TransportError(str(description).strip().splitlines()[0])
         response.document_array_cls = return_type
         return response
+
+    def _forget(self, address: str) -> None:
+        """The next request to ``address`` opens a new channel; the old one closes when no call uses it."""
+        with self._lock:
+            self._channels.pop(address, None)
+            self._calls.pop(address, None)
 
     def close(self) -> None:
         with self._lock:

@@ -157,6 +157,19 @@ def test_flows_that_cannot_start_are_a_clear_error(tmp_path):
             pass
 
 
+def test_a_client_reaches_a_server_started_after_it_failed(tiny_model, tmp_path):
+    settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=tiny_model,
+                        device="cpu", workspace=str(tmp_path / "ws"))
+    client = ClipseekClient(settings.index_address, settings.search_address, timeout=30)
+    for _ in range(3):  # a channel that failed a few times backs off; the client opens a fresh one
+        with pytest.raises(ClipseekError, match="cannot reach"):
+            client.status()
+        assert settings.index_address not in client._transport._channels  # the failed channel is not kept
+    with flows_in_subprocess(settings):
+        assert client.status().count == 0
+        assert client.search("a red circle") == []
+
+
 def test_unreachable_server_is_a_clear_error():
     port = free_port()
     client = ClipseekClient(f"grpc://127.0.0.1:{port}", f"grpc://127.0.0.1:{port}", timeout=5)
