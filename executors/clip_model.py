@@ -208,8 +208,8 @@ def on_model_thread(fn, *args, **kwargs):
 
     A server calls the encoders from whichever thread of its pool takes the request, and torch
     (OpenMP) keeps a team of worker threads per calling thread: the ViT-B/32 text tower took
-    36 ms per query called from a pool of threads with pauses between calls, 28.6 ms called from
-    one thread (2 vCPUs). Calls made on that thread already run directly.
+    36 ms per query called from a pool of threads with pauses between calls, 23-28 ms called
+    from one thread (2 vCPUs). Calls made on that thread already run directly.
     """
     global _model_thread
     if threading.current_thread().name.startswith(MODEL_THREAD):

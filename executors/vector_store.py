@@ -428,17 +428,17 @@ class VectorStore:
             return np.take_along_axis(scores, part, axis=0), part + start
 
         starts = range(0, len(view), chunk_rows)
-        if torch is None and len(starts) > 1 and self.scan_threads > 1:
+        if torch is not None:  # torch spreads each product over its own threads
+            parts = [scan_chunk(start) for start in starts]
+        else:
             # Chunks side by side on the store's own threads, each product on one BLAS thread: as fast as
             # BLAS's threads on a memory-bound scan, and idle threads sleep instead of spinning, so the
             # CPU goes back to the other processes of the flow (the text encoder) as soon as a scan ends.
             with single_threaded_blas():
-                parts = list(self._scan_pool().map(scan_chunk, starts))
-        elif torch is None:
-            with single_threaded_blas():
-                parts = [scan_chunk(start) for start in starts]
-        else:  # torch spreads each product over its own threads
-            parts = [scan_chunk(start) for start in starts]
+                if len(starts) > 1 and self.scan_threads > 1:
+                    parts = list(self._scan_pool().map(scan_chunk, starts))
+                else:
+                    parts = [scan_chunk(start) for start in starts]
         parts = [p for p in parts if p is not None]
         cand_scores = [p[0] for p in parts]
         cand_rows = [p[1] for p in parts]
