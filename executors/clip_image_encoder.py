@@ -15,7 +15,7 @@ from jina import Executor, requests
 from executors.clip_model import batched, check_positive_int, default_model, image_embeddings, load_clip
 from executors.docs import STATUS_FAILED, Hit, ImageInput, TextQuery
 from executors.imaging import ImageError, Preprocess, SourceInfo, array_to_image, decode_image, preprocess, read_source
-from executors.params import request_options, traverse
+from executors.params import request_options, traverse, worker_threads
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class CLIPImageEncoder(Executor):
         # Not request options: a client must not widen the folders or the networks the server reads from.
         self.allowed_roots = _roots(allowed_roots)
         self.allow_private_urls = _flag(allow_private_urls)
-        workers = num_workers or min(8, os.cpu_count() or 1)
+        workers = num_workers or worker_threads()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipseek-decode")
         self._load(self.defaults)
 

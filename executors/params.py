@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, Mapping, Optional
+
+
+def worker_threads(cap: int = 8) -> int:
+    """Threads for a pool of CPU work: the CPUs this process may run on, at most ``cap``."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cap, usable))
 
 
 def request_options(defaults: Mapping[str, Any], parameters: Optional[Mapping[str, Any]]) -> Dict[str, Any]:

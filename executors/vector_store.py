@@ -36,6 +36,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from executors import filters
+from executors.params import worker_threads
 
 SCHEMA_VERSION = 1
 VECTORS_FILE = "vectors.f32"
@@ -97,7 +98,7 @@ class VectorStore:
         # (benchmarks/indexer_bench.py times both).
         self.scan = "auto"
         # Threads that scan chunks side by side (numpy scans; torch uses its own threads).
-        self.scan_threads = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+        self.scan_threads = worker_threads()
         self._pool = None
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         _make_private(self.path)  # a folder made by someone else first (jina makes the executor's workspace) too

@@ -9,12 +9,9 @@ so any jina gateway answers it as it answers jina's own client.
 
 from __future__ import annotations
 
-import logging
 import threading
 import urllib.parse
-from typing import Any, Dict, Optional, Type
-
-logger = logging.getLogger(__name__)
+from typing import Any, Dict, Optional, Tuple, Type
 
 METHOD = "/jina.JinaSingleDataRequestRPC/process_single_data"
 # What the client accepts and sends at most; each gateway enforces its own, smaller limit on requests.
@@ -44,14 +41,12 @@ class GrpcTransport:
     """Posts ``DocList`` requests to jina gateways; one open channel per address, safe to share between threads."""
 
     def __init__(self):
-        self._calls: Dict[str, Any] = {}
-        self._channels: Dict[str, Any] = {}
+        self._open: Dict[str, Tuple[Any, Any]] = {}  # address -> (channel, its unary call)
         self._lock = threading.Lock()
 
     def _call(self, address: str):
         with self._lock:
-            call = self._calls.get(address)
-            if call is None:
+            if address not in self._open:
                 import grpc
                 from jina.proto.serializer import DataRequestProto
 
@@ -62,8 +57,8 @@ class GrpcTransport:
                            else grpc.insecure_channel(target, options=options))
                 call = channel.unary_unary(METHOD, request_serializer=DataRequestProto.SerializeToString,
                                            response_deserializer=DataRequestProto.FromString)
-                self._channels[address], self._calls[address] = channel, call
-            return call
+                self._open[address] = (channel, call)
+            return self._open[address][1]
 
     def post(self, address: str, endpoint: str, docs, return_type: Type, parameters: Optional[dict] = None,
              *, timeout: Optional[float] = None, target_executor: Optional[str] = None):
@@ -91,7 +86,7 @@ class GrpcTransport:
                 break
             except grpc.RpcError as e:
                 code = e.code() if callable(getattr(e, "code", None)) else None
-                details = (e.details() if callable(getattr(e, "details", None)) else "") or str(code)
+                details = ((e.details() if callable(getattr(e, "details", None)) else "") or "").strip() or str(code)
                 unreachable = code == grpc.StatusCode.UNAVAILABLE
                 if unreachable:
                     # A channel that saw the server down backs off for up to minutes before it tries again;
@@ -100,8 +95,7 @@ class GrpcTransport:
                     self._forget(address)
                     if attempt == 1:
                         continue
-                raise TransportError(details.strip().splitlines()[0] if details.strip() else str(code),
-                                     unreachable=unreachable) from None
+                raise TransportError(details.splitlines()[0], unreachable=unreachable) from None
         status = response.header.status
         if status.code == jina_pb2.StatusProto.ERROR:
             description = status.description or status.exception.name or "the server answered with an error"
@@ -112,12 +106,10 @@ class GrpcTransport:
     def _forget(self, address: str) -> None:
         """The next request to ``address`` opens a new channel; the old one closes when no call uses it."""
         with self._lock:
-            self._channels.pop(address, None)
-            self._calls.pop(address, None)
+            self._open.pop(address, None)
 
     def close(self) -> None:
         with self._lock:
-            for channel in self._channels.values():
+            for channel, _ in self._open.values():
                 channel.close()
-            self._channels.clear()
-            self._calls.clear()
+            self._open.clear()

@@ -164,7 +164,7 @@ def test_a_client_reaches_a_server_started_after_it_failed(tiny_model, tmp_path)
     for _ in range(3):  # a channel that failed a few times backs off; the client opens a fresh one
         with pytest.raises(ClipseekError, match="cannot reach"):
             client.status()
-        assert settings.index_address not in client._transport._channels  # the failed channel is not kept
+        assert settings.index_address not in client._transport._open  # the failed channel is not kept
     with flows_in_subprocess(settings):
         assert client.status().count == 0
         assert client.search("a red circle") == []
