@@ -40,16 +40,22 @@ def raw_model(clip, batch_size: int, images: int, warmup: int = 2) -> float:
     return batches * batch_size / (time.perf_counter() - t0)
 
 
-def raw_model_fresh(model_dir: str, batch_size: int, images: int, threads=None) -> float:
-    """raw_model in a fresh process, as clean as the executor's own (``threads``: torch threads, None = default)."""
+def in_fresh_process(*args: str, threads=None) -> dict:
+    """This script run again with ``args`` in a fresh process, as clean as an executor's own
+    (``threads``: torch threads, None = torch's default); the JSON it prints last."""
     import json
     import subprocess
     import sys
 
-    cmd = [sys.executable, os.path.abspath(__file__), "--raw-child", model_dir, "--batch-size", str(batch_size),
-           "--images", str(images)] + (["--threads", str(threads)] if threads else [])
+    cmd = [sys.executable, os.path.abspath(__file__), *args] + (["--threads", str(threads)] if threads else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def raw_model_fresh(model_dir: str, batch_size: int, images: int, threads=None) -> dict:
+    """raw_model in a fresh process: {"rate": images/s, "threads": torch threads}."""
+    return in_fresh_process("--raw-child", model_dir, "--batch-size", str(batch_size), "--images", str(images),
+                            threads=threads)
 
 
 def encoder_alone(model_dir: str, paths, warm, batch_size: int, request_size: int) -> float:
@@ -81,18 +87,14 @@ def encoder_alone(model_dir: str, paths, warm, batch_size: int, request_size: in
 def encoder_alone_fresh(model_dir: str, paths, warm, batch_size: int, request_size: int, threads=None) -> float:
     """encoder_alone in a fresh process (the executor's own, as in a flow, without the flow)."""
     import json
-    import subprocess
-    import sys
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"paths": list(paths), "warm": list(warm)}, f)
     try:
-        cmd = [sys.executable, os.path.abspath(__file__), "--encoder-child", model_dir, "--photo-list", f.name,
-               "--batch-size", str(batch_size), "--request-size", str(request_size)] + (["--threads", str(threads)] if threads else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return in_fresh_process("--encoder-child", model_dir, "--photo-list", f.name, "--batch-size", str(batch_size),
+                                "--request-size", str(request_size), threads=threads)["rate"]
     finally:
         os.unlink(f.name)
-    return json.loads(out.stdout.strip().splitlines()[-1])["rate"]
 
 
 def overlap_ceiling(model_seconds: float, prepare_seconds: float, threads: int, cpus: int) -> float:
@@ -218,6 +220,7 @@ def main():
     import torch
 
     from executors.clip_model import load_clip
+    from executors.params import usable_cpus
     from flows.client import ClipseekClient
     from flows.serving import flows_in_subprocess, free_port
     from flows.settings import Settings
@@ -229,6 +232,9 @@ def main():
     warm, photos = photos[: args.batch_size], photos[args.batch_size :]
     model_dir = make_vit_b32(os.path.join(args.work_dir, "vit-b32-random"))
     mb = sum(os.path.getsize(p) for p in photos) / 2**20
+    for path in warm + photos:  # every path below then reads the files from the page cache, not the disk
+        with open(path, "rb") as f:
+            f.read()
     print(f"{len(photos)} photos ({mb:.0f} MiB of JPEG, {mb / len(photos):.2f} MiB each on average), model ready "
           f"in {time.perf_counter() - t0:.0f} s; {os.cpu_count()} CPUs, torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads, float32, batch {args.batch_size}")
@@ -250,7 +256,7 @@ def main():
 
     alone = encoder_alone_fresh(model_dir, photos, warm, args.batch_size, args.request_size, args.threads)
     print(f"(c) CLIPImageEncoder alone, in a process of its own (draft decode): {alone:.2f} images/s")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = usable_cpus()
 
     results = {}
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -6,10 +6,14 @@ import os
 from typing import Any, Dict, Mapping, Optional
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the platform reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def worker_threads(cap: int = 8) -> int:
     """Threads for a pool of CPU work: the CPUs this process may run on, at most ``cap``."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cap, usable))
+    return max(1, min(cap, usable_cpus()))
 
 
 def request_options(defaults: Mapping[str, Any], parameters: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
