@@ -100,7 +100,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A GitHub-markdown table."""
     cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
     out = [line(cells[0]), "| " + " | ".join("-" * w for w in widths) + " |"]
     out += [line(r) for r in cells[1:]]
     return "\n".join(out)

@@ -157,7 +157,7 @@ def main():
                     print(table(["vectors", "gRPC search flow", "text encoder alone", "VectorStore.search", "numpy brute force",
                                  "faiss IndexFlatIP", "flow / text enc.", "flow / (text enc. + store)", "store / faiss"], rows[-1:]), flush=True)
                     reader.close()
-                    del index
+                    index.reset()  # frees its copy of the vectors before the next size
             finally:
                 writer.close()
 

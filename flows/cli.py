@@ -391,7 +391,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    labels = [l for l in (args.labels or "").split(",") if l.strip()]
+    labels = [label for label in (args.labels or "").split(",") if label.strip()]
     if args.labels_file:
         with open(args.labels_file, encoding="utf-8") as f:
             labels += [line.strip() for line in f if line.strip()]
@@ -400,7 +400,7 @@ def cmd_classify(args) -> int:
         return 2
     result = _client(args).classify(args.image, labels, template=args.template)
     if args.json:
-        print(json.dumps([{"label": l, "probability": round(p, 6)} for l, p in result], indent=2))
+        print(json.dumps([{"label": label, "probability": round(p, 6)} for label, p in result], indent=2))
     else:
         for label, p in result:
             print(f"{p:7.2%}  {label}")

@@ -265,10 +265,10 @@ class ClipseekClient:
     def classify(self, image: Union[str, bytes], labels: Sequence[str], *,
                  template: Optional[str] = None) -> List[Tuple[str, float]]:
         """Zero-shot labels for one image: (label, probability), most likely first."""
-        labels = [l.strip() for l in labels if l and l.strip()]
+        labels = [label.strip() for label in labels if label and label.strip()]
         if not labels:
             raise ClipseekError("classify needs at least one label")
-        query = TextQuery(parts=DocList[QueryPart]([QueryPart(text=l) for l in labels]))
+        query = TextQuery(parts=DocList[QueryPart]([QueryPart(text=label) for label in labels]))
         self._set_image(query, image)
         parameters = {"template": template} if template else {}
         answer = self._post(self.search_address, "/classify", DocList[TextQuery]([query]), DocList[TextQuery],

@@ -243,11 +243,11 @@ def test_classify_gives_probabilities_from_the_logit_scale(served, picture_dir, 
     _, paths = picture_dir
     labels = ["red circle", "blue square", "car"]
     result = client.classify(paths[0], labels, template="a drawing of a {}")
-    assert sorted(l for l, _ in result) == sorted(labels)
+    assert sorted(label for label, _ in result) == sorted(labels)
     assert sum(p for _, p in result) == pytest.approx(1.0, abs=1e-5)
     assert [p for _, p in result] == sorted((p for _, p in result), reverse=True)
     # the same numbers from the encoders and the model's own logit scale
-    texts = DocList[TextQuery]([TextQuery(text=f"a drawing of a {l}") for l in labels])
+    texts = DocList[TextQuery]([TextQuery(text=f"a drawing of a {label}") for label in labels])
     CLIPTextEncoder(pretrained_model_name_or_path=tiny_model).encode(texts)
     image = DocList[ImageInput]([ImageInput(url=paths[0])])
     CLIPImageEncoder(pretrained_model_name_or_path=tiny_model).encode(image)

@@ -192,7 +192,7 @@ def test_serve_web_command_serves_the_page_and_stops_on_ctrl_c(tmp_path):
             if "web page" in line:
                 break
         page_url = f"http://127.0.0.1:{web_port}/"
-        assert any(f"clipseek: web page {page_url}" in l for l in lines), "".join(lines[-20:])
+        assert any(f"clipseek: web page {page_url}" in line for line in lines), "".join(lines[-20:])
         status, headers, body = _open(urllib.request.Request(page_url))
         assert status == 200 and b'id="results"' in body and b"<script src" not in body
         status, _, body = _post_json(page_url + "api/search", {"text": "a red circle"})
