@@ -13,7 +13,7 @@ from docarray import DocList
 from jina import Executor, requests
 
 from executors.clip_model import batched, check_positive_int, default_model, image_embeddings, load_clip
-from executors.docs import STATUS_FAILED, Hit, ImageInput, TextQuery
+from executors.docs import STATUS_FAILED, Hit, ImageInput, TextQuery, has_image
 from executors.imaging import ImageError, Preprocess, SourceInfo, array_to_image, decode_image, preprocess, read_source
 from executors.params import request_options, traverse, worker_threads
 
@@ -146,8 +146,7 @@ class CLIPImageEncoder(Executor):
         targets = []
         for doc in docs:
             for item in [doc, *doc.parts]:
-                has_image = item.url or item.bytes_ or item.tensor is not None
-                if item.embedding is None and has_image and not (item.text or "").strip():
+                if item.embedding is None and has_image(item) and not (item.text or "").strip():
                     targets.append(item)
         if targets:
             self._embed(targets, {**options, "keep_pixels": False})
@@ -158,7 +157,7 @@ class CLIPImageEncoder(Executor):
         """Zero-shot labels: the query image against its label parts (embedded by the text encoder),
         as probabilities (softmax over the model's logit scale), best first in ``matches``."""
         options = request_options(self.defaults, parameters)
-        targets = [d for d in docs if not d.error and d.embedding is None and (d.url or d.bytes_ or d.tensor is not None)]
+        targets = [d for d in docs if not d.error and d.embedding is None and has_image(d)]
         self._embed(targets, {**options, "keep_pixels": False})
         scale = float(self._load(options).model.logit_scale.exp())
         for doc in docs:

@@ -72,6 +72,11 @@ class TextQuery(TextDoc):
     error: Optional[str] = None
 
 
+def has_image(item) -> bool:
+    """Whether a query (or one of its parts) carries an image: a ``url``, ``bytes_`` or ``tensor``."""
+    return bool(item.url or item.bytes_ or item.tensor is not None)
+
+
 class DuplicateGroup(BaseDoc):
     """Near-identical images: each member with its best cosine to another member."""
 

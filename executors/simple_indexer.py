@@ -11,7 +11,8 @@ import numpy as np
 from docarray import DocList
 from jina import Executor, requests
 
-from executors.docs import STATUS_FAILED, STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, TextQuery
+from executors.docs import (STATUS_FAILED, STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, TextQuery,
+                            has_image)
 from executors.filters import FilterError
 from executors.params import request_options
 from executors.vector_store import Record, StoreError, VectorStore
@@ -160,7 +161,7 @@ class SimpleIndexer(Executor):
         if disliked and total is not None:
             total = total - float(options["unlike_weight"]) * _unit(np.mean(disliked, axis=0))
         if total is None:
-            if (doc.text or "").strip() or doc.url or doc.bytes_ or doc.tensor is not None:
+            if (doc.text or "").strip() or has_image(doc):
                 raise ValueError("query has no embedding (was it sent through the encoders?)")
             raise ValueError("empty query: give some text to search for, an image, or liked results")
         if not np.isfinite(total).all() or not np.linalg.norm(total):

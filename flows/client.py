@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from docarray import DocList
 
-from executors.docs import STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, QueryPart, TextQuery
+from executors.docs import (STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, QueryPart, TextQuery,
+                            has_image)
 from executors.imaging import content_hash, is_image_file, local_path, path_uri, uri_id
 from flows.settings import DEFAULT_REQUEST_SIZE, Settings
 from flows.transport import GrpcTransport, TransportError
@@ -339,10 +340,8 @@ class ClipseekClient:
 
 
 def _has_image(query: TextQuery) -> bool:
-    def image(doc) -> bool:
-        return bool(doc.url or doc.bytes_ or doc.tensor is not None)
-
-    return image(query) or any(image(part) for part in (query.parts or []))
+    """The query or one of its parts carries an image."""
+    return has_image(query) or any(has_image(part) for part in (query.parts or []))
 
 
 def _split_by_bytes(docs, max_bytes: int) -> Iterable:
