@@ -13,6 +13,7 @@ RUN grep -v '^torch==' requirements.lock > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 COPY executors ./executors
 COPY flows ./flows
+COPY clipseek ./clipseek
 COPY data/models ./data/models
 RUN pip install --no-deps -e . && cp executors/${EXECUTOR}.yml executors/config.yml
 # jina runs `jina executor --uses config.yml` in the working directory

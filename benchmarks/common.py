@@ -65,32 +65,6 @@ def make_photos(folder: str, count: int, seed: int = 0, sizes: Sequence = PHOTO_
     return paths
 
 
-def make_vit_b32(folder: str, seed: int = 0) -> str:
-    """CLIPConfig() defaults (ViT-B/32 image tower, 512-d text tower, 512-d projection), random
-    weights, an offline BPE tokenizer, saved so ``from_pretrained(folder)`` loads it like a hub model."""
-    if os.path.exists(os.path.join(folder, "config.json")):
-        return folder
-    import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from flows.modelkit import BOS, EOS, save_clip_folder, train_tokenizer
-
-    tok_dir = folder + "_tokenizer"
-    train_tokenizer(tok_dir, [])
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    config = CLIPConfig()
-    config.text_config.eos_token_id = tokenizer.convert_tokens_to_ids(EOS)
-    config.text_config.bos_token_id = tokenizer.convert_tokens_to_ids(BOS)
-    config.text_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.text_config.eos_token_id
-    torch.manual_seed(seed)
-    model = CLIPModel(config).eval()
-    save_clip_folder(folder, model, tokenizer, config.vision_config.image_size)
-    import shutil
-
-    shutil.rmtree(tok_dir, ignore_errors=True)
-    return folder
-
-
 def percentiles(samples_s: Sequence[float]):
     a = np.asarray(samples_s) * 1000.0
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))

@@ -44,7 +44,7 @@ def unit_rows(rng, n: int, dim: int) -> np.ndarray:
 
 def fill(path: str, rows: int, dim: int, batch: int, dtype: str) -> float:
     """Insert ``rows`` random unit vectors (the same ones for every dtype); returns rows/s of upsert alone."""
-    from executors.vector_store import Record, VectorStore
+    from executors.store.vector_store import Record, VectorStore
 
     store = VectorStore(path, dtype=dtype)
     rng = np.random.default_rng(0)
@@ -65,7 +65,7 @@ def fill(path: str, rows: int, dim: int, batch: int, dtype: str) -> float:
 
 def child(path: str, queries: int, sweep: list, scans: list, limit: int) -> None:
     """Runs in a fresh process: open the store, search, report times, answers and memory as JSON."""
-    from executors.vector_store import VectorStore
+    from executors.store.vector_store import VectorStore
 
     if "torch" in scans or "auto" in scans:
         import torch  # noqa: F401  (imported before the baseline: its libraries are not the search's memory)

@@ -12,10 +12,10 @@ import numpy as np
 from docarray import DocList
 from jina import Executor, requests
 
-from executors.clip_model import batched, check_positive_int, default_model, image_embeddings, load_clip
+from executors.models.loading import batched, check_positive_int, default_model, image_embeddings, load_clip
 from executors.docs import STATUS_FAILED, Hit, ImageInput, TextQuery, has_image
-from executors.imaging import ImageError, Preprocess, SourceInfo, array_to_image, decode_image, preprocess, read_source
-from executors.params import request_options, traverse, worker_threads
+from executors.images.imaging import ImageError, Preprocess, SourceInfo, array_to_image, decode_image, preprocess, read_source
+from executors.params import as_flag, request_options, traverse, worker_threads
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class CLIPImageEncoder(Executor):
         pretrained_model_name_or_path: Optional[str] = None,
         device: Optional[str] = None,
         batch_size: int = 32,
-        dtype: str = "float32",
+        dtype: Optional[str] = None,
         access_paths: str = "@r",
         num_workers: Optional[int] = None,
         draft_decode: bool = True,
@@ -124,7 +124,7 @@ class CLIPImageEncoder(Executor):
         )
         # Not request options: a client must not widen the folders or the networks the server reads from.
         self.allowed_roots = _roots(allowed_roots)
-        self.allow_private_urls = _flag(allow_private_urls)
+        self.allow_private_urls = as_flag(allow_private_urls, "allow_private_urls")
         workers = num_workers or worker_threads()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipseek-decode")
         self._load(self.defaults)
@@ -159,7 +159,7 @@ class CLIPImageEncoder(Executor):
         options = request_options(self.defaults, parameters)
         targets = [d for d in docs if not d.error and d.embedding is None and has_image(d)]
         self._embed(targets, {**options, "keep_pixels": False})
-        scale = float(self._load(options).model.logit_scale.exp())
+        scale = self._load(options).logit_scale
         for doc in docs:
             labels = [p for p in doc.parts if p.embedding is not None]
             if doc.error:
@@ -190,7 +190,7 @@ class CLIPImageEncoder(Executor):
             spent: Dict[str, float] = {}
             # request parameters arrive through protobuf, where every number is a float
             result = prepare(doc, recipe, url_timeout=float(options["url_timeout"]),
-                             max_bytes=int(options["max_download_bytes"]), draft=_flag(options["draft_decode"]),
+                             max_bytes=int(options["max_download_bytes"]), draft=as_flag(options["draft_decode"], "draft_decode"),
                              max_megapixels=float(options["max_megapixels"]) if options["max_megapixels"] else None,
                              timings=spent,
                              allow_private_urls=self.allow_private_urls, allowed_roots=self.allowed_roots)
@@ -242,13 +242,6 @@ class CLIPImageEncoder(Executor):
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         super().close()
-
-
-def _flag(value) -> bool:
-    """A boolean option as it may arrive in request parameters (true / "true" / 1)."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
 
 
 def _roots(roots) -> Optional[List[str]]:

@@ -7,7 +7,7 @@ from typing import Dict, Optional
 from docarray import DocList
 from jina import Executor, requests
 
-from executors.clip_model import batched, check_positive_int, default_model, load_clip, text_embeddings
+from executors.models.loading import batched, check_positive_int, default_model, load_clip, text_embeddings
 from executors.docs import TextQuery
 from executors.params import request_options, traverse
 
@@ -29,7 +29,7 @@ class CLIPTextEncoder(Executor):
         pretrained_model_name_or_path: Optional[str] = None,
         device: Optional[str] = None,
         batch_size: int = 64,
-        dtype: str = "float32",
+        dtype: Optional[str] = None,
         access_paths: str = "@r",
         max_length: int = 77,
         template: str = "a photo of a {}",

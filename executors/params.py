@@ -1,9 +1,10 @@
-"""Request parameters over constructor defaults, and document traversal: shared by all executors."""
+"""Shared by all executors: request parameters over constructor defaults, document traversal, and the
+one reading of a boolean flag and of a dtype name, wherever they arrive from (YAML, environment, request)."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence, Type
 
 
 def usable_cpus() -> int:
@@ -40,3 +41,43 @@ def traverse(docs, access_paths: str):
         return list(docs.traverse_flat(path))
     except (AttributeError, KeyError, ValueError) as e:
         raise ValueError(f"access_paths {access_paths!r} does not name a field of these documents ({e})") from None
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def as_flag(value: Any, name: str = "flag") -> bool:
+    """A boolean as it may arrive from YAML, an environment variable or request parameters
+    (protobuf turns ``true`` into ``True`` and numbers into floats): 1/true/yes/on or 0/false/no/off."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise ValueError(f"{name} must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE[:-1])}, got {value!r}")
+    return bool(value)
+
+
+# Every spelling of a dtype clipseek takes -> its one name.
+DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "int8": "int8", "qint8": "int8",
+    "auto": "auto",
+}
+
+
+def dtype_name(value: Any, allowed: Sequence[str], *, what: str = "dtype",
+               error: Type[Exception] = ValueError) -> str:
+    """The name in ``allowed`` that ``value`` spells (``fp16``, ``torch.bfloat16``, ``numpy.float32``,
+    a numpy or torch dtype ...); anything else raises ``error`` naming the choices."""
+    if isinstance(value, type):  # numpy.float16 and the like
+        value = value.__name__
+    text = str(getattr(value, "name", None) or value).lower().replace("torch.", "").replace("numpy.", "").strip()
+    name = DTYPE_ALIASES.get(text)
+    if name not in allowed:
+        raise error(f"{what} {value!r} is not one of {', '.join(allowed)}")
+    return name

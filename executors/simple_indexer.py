@@ -13,9 +13,9 @@ from jina import Executor, requests
 
 from executors.docs import (STATUS_FAILED, STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, TextQuery,
                             has_image)
-from executors.filters import FilterError
+from executors.store.filters import FilterError
 from executors.params import request_options
-from executors.vector_store import Record, StoreError, VectorStore
+from executors.store.vector_store import Record, StoreError, VectorStore
 
 logger = logging.getLogger(__name__)
 

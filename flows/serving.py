@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import yaml
@@ -82,27 +83,79 @@ def preload() -> None:
     import executors.simple_indexer  # noqa: F401
 
 
+LOG_FILE = "clipseek.log"
+
+
+def log_path(settings: Settings) -> str:
+    """Where a quiet run sends the flows' own logs: ``clipseek.log`` in the workspace."""
+    return os.path.join(os.path.abspath(settings.workspace), LOG_FILE)
+
+
 @contextlib.contextmanager
-def running_flows(settings: Settings) -> Iterator[Tuple[Any, Any]]:
-    """Both flows started (index first: it creates the index the search flow opens), closed on exit."""
-    preload()
-    index_flow, search_flow = build_flows(settings)
+def output_to(log_file: Optional[str]) -> Iterator[None]:
+    """This process's stdout and stderr appended to ``log_file`` (None: left as they are).
+
+    The file descriptors themselves are redirected, so what C libraries write goes there too, and
+    every process forked meanwhile (jina's gateway and executors) keeps writing there for its life.
+    jina's loggers write plain lines instead of the terminal's rich ones."""
+    if log_file is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    old_config = os.environ.get("JINA_LOG_CONFIG")
+    os.environ["JINA_LOG_CONFIG"] = "plain"
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+        if old_config is None:
+            os.environ.pop("JINA_LOG_CONFIG", None)
+        else:
+            os.environ["JINA_LOG_CONFIG"] = old_config
+
+
+@contextlib.contextmanager
+def running_flows(settings: Settings, log_file: Optional[str] = None) -> Iterator[Tuple[Any, Any]]:
+    """Both flows started (index first: it creates the index the search flow opens), closed on exit.
+
+    With ``log_file``, jina's and transformers' output while the flows start and stop, and everything
+    their processes write, go to that file instead of the console."""
+    with output_to(log_file):
+        preload()
+        index_flow, search_flow = build_flows(settings)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(index_flow)
-        stack.enter_context(search_flow)
+        with output_to(log_file):
+            stack.enter_context(index_flow)
+            stack.enter_context(search_flow)
         logger.info("index flow on %s:%d, search flow on %s:%d", settings.host, settings.index_port,
                     settings.host, settings.search_port)
-        yield index_flow, search_flow
+        try:
+            yield index_flow, search_flow
+        finally:
+            with output_to(log_file):
+                stack.close()
 
 
-def _serve_until_stopped(settings: Settings, start_method: str, ready, stop, errors) -> None:
+def _serve_until_stopped(settings: Settings, start_method: str, ready, stop, errors,
+                         log_file: Optional[str] = None) -> None:
     import multiprocessing
 
     try:
         # A spawned process defaults to spawning its own children; jina starts the executors the way the
         # parent would have (fork on Linux), from this process, which has no threads yet.
         multiprocessing.set_start_method(start_method, force=True)
-        with running_flows(settings):
+        with running_flows(settings, log_file):
             ready.set()
             stop.wait()
     except BaseException as e:  # reported to the parent, which raises it
@@ -110,7 +163,7 @@ def _serve_until_stopped(settings: Settings, start_method: str, ready, stop, err
 
 
 @contextlib.contextmanager
-def flows_in_subprocess(settings: Settings, timeout: float = 300.0) -> Iterator[None]:
+def flows_in_subprocess(settings: Settings, timeout: float = 300.0, log_file: Optional[str] = None) -> Iterator[None]:
     """Both flows served by a fresh Python process (started by spawn), stopped on exit.
 
     jina starts each executor by forking the process that enters the flow. A process that
@@ -124,7 +177,7 @@ def flows_in_subprocess(settings: Settings, timeout: float = 300.0) -> Iterator[
     context = multiprocessing.get_context("spawn")
     ready, stop, errors = context.Event(), context.Event(), context.Queue()
     process = context.Process(target=_serve_until_stopped,
-                              args=(settings, multiprocessing.get_start_method(), ready, stop, errors),
+                              args=(settings, multiprocessing.get_start_method(), ready, stop, errors, log_file),
                               name="clipseek-flows")
     process.start()
     try:

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from executors.params import as_flag
+
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL_DIR = os.path.join(PROJECT_ROOT, "data", "models", "clipseek-demo")
 DEFAULT_HOST = "127.0.0.1"
@@ -54,7 +56,8 @@ class Settings:
     dtype: Optional[str] = field(default_factory=lambda: _env("CLIPSEEK_DTYPE"))
     batch_size: Optional[int] = field(default_factory=lambda: _env_int("CLIPSEEK_BATCH_SIZE", None))
     max_megapixels: Optional[float] = field(default_factory=lambda: float(_env("CLIPSEEK_MAX_MEGAPIXELS", 0)) or None)
-    allow_private_urls: bool = field(default_factory=lambda: _env("CLIPSEEK_ALLOW_PRIVATE_URLS", "") in ("1", "true", "yes"))
+    allow_private_urls: bool = field(default_factory=lambda: as_flag(_env("CLIPSEEK_ALLOW_PRIVATE_URLS", ""),
+                                                                      "CLIPSEEK_ALLOW_PRIVATE_URLS"))
     shards: Optional[int] = field(default_factory=lambda: _env_int("CLIPSEEK_SHARDS", None))
     workspace: str = field(default_factory=lambda: _env("CLIPSEEK_WORKSPACE", os.path.join(PROJECT_ROOT, "workspace")))
     # Folders the index flow may read local paths from (None: anywhere, for a laptop). --allow-root DIR.

@@ -15,7 +15,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), 
 def tiny_model(tmp_path_factory) -> str:
     """A randomly initialised small CLIPModel with its tokenizer and image processor, saved to a folder
     and loaded through the same from_pretrained path as a hub model."""
-    from flows.modelkit import make_tiny_clip
+    from clipseek.demo.modelkit import make_tiny_clip
 
     folder = str(tmp_path_factory.mktemp("models") / "tiny-clip")
     make_tiny_clip(folder, words="a photo of red green blue yellow circle square".split(), seed=0)
@@ -45,3 +45,11 @@ def picture_dir(tmp_path):
     ]
     (root / "notes.txt").write_text("not a picture")
     return root, sorted(paths)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/e2e starts flows, servers or the CLI in processes of their own: ``slow``
+    (``python -m pytest -m "not slow"`` runs the unit tests alone, in well under a minute)."""
+    for item in items:
+        if f"{os.sep}e2e{os.sep}" in str(item.fspath):
+            item.add_marker(pytest.mark.slow)

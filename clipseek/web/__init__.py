@@ -1,0 +1,319 @@
+"""A small web page for searching the index, served next to the flows by ``clipseek serve --web``.
+
+Every request goes through one :class:`clipseek.client.ClipseekClient`: the page has no other way
+to the flows or to the disk. Thumbnails are read only from the uri stored for an indexed id.
+
+    from clipseek.client import ClipseekClient
+    from clipseek.web import create_app, serve_in_thread
+    server = serve_in_thread(create_app(ClipseekClient()), "127.0.0.1", 51002)
+    print(server.url); ...; server.stop()
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import threading
+import time
+import urllib.parse
+from importlib.resources import files
+from typing import Any, Dict, List, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from executors.images.imaging import local_path
+from clipseek.client import ClipseekClient, ClipseekError
+from flows.settings import client_host
+
+logger = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_LIMIT = 100
+THUMB_SIZE = 256
+THUMB_MAX_FILE_BYTES = 100 * 2**20
+_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+
+
+class WebError(Exception):
+    """A request the page should explain: ``status`` and a message for a person."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_app(client: ClipseekClient, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    """The page (``GET /``) and the JSON API it uses, all answered through ``client``."""
+    app = FastAPI(title="clipseek", docs_url=None, redoc_url=None, openapi_url=None)
+    lock = threading.Lock()  # one request at a time through the client's gRPC connections
+
+    def call(method, *args, **kwargs):
+        with lock:
+            return method(*args, **kwargs)
+
+    @app.exception_handler(WebError)
+    async def _web_error(request: Request, exc: WebError):
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return _error(400, "malformed request")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        logger.exception("web request %s failed", request.url.path)
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        html = PAGE.replace("__MAX_UPLOAD_BYTES__", str(int(max_upload_bytes)))
+        return HTMLResponse(html, headers={"Cache-Control": "no-store", "Content-Security-Policy": CSP})
+
+    @app.post("/api/search")
+    async def search(request: Request) -> JSONResponse:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise WebError(400, f"the request body is not valid JSON ({e})")
+        if not isinstance(body, dict):
+            raise WebError(400, "the request body must be a JSON object")
+        text = body.get("text") or None
+        if text is not None and not isinstance(text, str):
+            raise WebError(400, "text must be a string")
+        text = text.strip() or None if text else None
+        limit = _limit(body.get("limit"))
+        where = _filter(body.get("filter"))
+        like, unlike = _ids(body.get("like"), "like"), _ids(body.get("unlike"), "unlike")
+        if not text and not like:
+            raise WebError(400, "type something to search for, pick a result, or upload an image")
+        started = time.perf_counter()
+        hits = await run_in_threadpool(_search, call, client, text=text, limit=limit, filter=where,
+                                       like=like, unlike=unlike)
+        return JSONResponse({"hits": hits, "seconds": round(time.perf_counter() - started, 3)})
+
+    @app.post("/api/search-image")
+    async def search_image(request: Request) -> JSONResponse:
+        data, limit = await _read_upload(request, max_upload_bytes)
+        _check_image(data)
+        started = time.perf_counter()
+        hits = await run_in_threadpool(_search, call, client, image=data, limit=limit)
+        return JSONResponse({"hits": hits, "seconds": round(time.perf_counter() - started, 3)})
+
+    @app.get("/api/thumb/{doc_id}")
+    def thumb(doc_id: str) -> Response:
+        if not _ID.match(doc_id):
+            raise WebError(404, "no such picture")
+        try:
+            found = [d for d in call(client.lookup, [doc_id]) if d.found and d.id == doc_id]
+        except ClipseekError as e:
+            raise WebError(502, str(e))
+        if not found or not found[0].uri:
+            raise WebError(404, f"no indexed picture with id {doc_id}")
+        uri = found[0].uri
+        if uri.startswith(("http://", "https://")):
+            return RedirectResponse(uri, status_code=307)
+        path = local_path(uri)
+        if path is None:  # data: URIs are not kept whole
+            raise WebError(404, f"picture {doc_id} has no file to show")
+        return Response(_thumbnail(path, doc_id), media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=300"})
+
+    return app
+
+
+# ---- request parts --------------------------------------------------------------------------
+def _limit(value: Any) -> int:
+    if value in (None, ""):
+        return 12
+    try:
+        limit = int(value)
+    except (TypeError, ValueError):
+        raise WebError(400, f"limit must be a whole number, got {value!r}") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise WebError(400, f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+    return limit
+
+
+def _filter(value: Any) -> Optional[Dict[str, Any]]:
+    """The filter as the CLI's --filter takes it: JSON text (or an object already)."""
+    if value in (None, "") or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise WebError(400, f"filter is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise WebError(400, f'filter must be a JSON object of field: condition, e.g. {{"width": {{"$gte": 64}}}}, '
+                            f"got {type(value).__name__}")
+    return value or None
+
+
+def _ids(value: Any, name: str) -> List[str]:
+    if value in (None, ""):
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and _ID.match(v) for v in value):
+        raise WebError(400, f"{name} must be a list of result ids")
+    return list(dict.fromkeys(value))
+
+
+def _search(call, client: ClipseekClient, **kwargs) -> List[Dict[str, Any]]:
+    try:
+        hits = call(client.search, kwargs.pop("text", None), **kwargs)
+    except ClipseekError as e:
+        message = str(e)
+        raise WebError(503 if message.startswith("cannot reach") else 400, message) from None
+    return [_hit_json(h) for h in hits]
+
+
+def _hit_json(hit) -> Dict[str, Any]:
+    uri = hit.uri or ""
+    path = local_path(uri) if uri else None
+    name = os.path.basename(path) if path else urllib.parse.urlparse(uri).path.rsplit("/", 1)[-1] or uri[:40]
+    return {"id": hit.id, "uri": uri, "name": name or hit.id, "score": round(float(hit.score), 6),
+            "tags": hit.tags or {}, "width": hit.width, "height": hit.height,
+            "thumb": f"/api/thumb/{urllib.parse.quote(hit.id, safe='')}"}
+
+
+async def _read_upload(request: Request, max_bytes: int):
+    """(file bytes, limit) of a multipart upload; 413 past ``max_bytes``, 400 for anything malformed.
+
+    The body is read here with a cap, before any parsing: an oversized upload is never kept whole."""
+    from starlette.requests import Request as StarletteRequest
+
+    too_large = WebError(413, f"the upload is larger than {max_bytes / 2**20:g} MiB; pick a smaller picture")
+    cap = max_bytes + 64 * 1024  # room for the multipart headers and the other fields
+    length = request.headers.get("content-length", "")
+    body = bytearray()
+    over = length.isdigit() and int(length) > cap
+    drained = 0
+    async for chunk in request.stream():
+        if over:
+            # read (and drop) what a browser is still sending, so it sees the 413 rather than a reset
+            drained += len(chunk)
+            if drained > 4 * cap:
+                break
+            continue
+        body += chunk
+        if len(body) > cap:
+            over, body = True, bytearray()
+    if over:
+        raise too_large
+
+    async def replay():
+        return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+    try:
+        form = await StarletteRequest(request.scope, replay).form(max_files=1, max_fields=8)
+    except Exception as e:
+        raise WebError(400, f"expected a multipart form with one file ({type(e).__name__})") from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise WebError(400, "no file in the upload (the form field is 'file')")
+    data = await upload.read()
+    if len(data) > max_bytes:
+        raise too_large
+    if not data:
+        raise WebError(400, f"{upload.filename or 'the upload'} is empty (0 bytes)")
+    return data, _limit(form.get("limit"))
+
+
+def _check_image(data: bytes) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+    except UnidentifiedImageError:
+        raise WebError(400, "the upload is not an image (use a JPEG, PNG, WebP, GIF, BMP or TIFF file)") from None
+    except Image.DecompressionBombError:
+        raise WebError(413, "the image has too many pixels") from None
+    except Exception as e:
+        raise WebError(400, f"the upload is not a readable image ({e})") from None
+
+
+def _thumbnail(path: str, doc_id: str) -> bytes:
+    from executors.images.imaging import ImageError, decode_image
+
+    try:
+        if os.path.getsize(path) > THUMB_MAX_FILE_BYTES:
+            raise WebError(404, f"picture {doc_id} is too large to preview")
+        with open(path, "rb") as f:
+            data = f.read()
+        img = decode_image(data, doc_id, draft_size=THUMB_SIZE, max_megapixels=100)
+    except OSError:
+        raise WebError(404, f"picture {doc_id} is no longer readable on the server") from None
+    except ImageError:
+        raise WebError(404, f"picture {doc_id} cannot be decoded") from None
+    img.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+# ---- serving ---------------------------------------------------------------------------------
+class WebServer:
+    """uvicorn running ``app`` in a daemon thread; ``stop()`` ends it."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        import uvicorn
+
+        self.host, self.port = host, port
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", loop="asyncio",
+                                lifespan="off", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="clipseek-web", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = client_host(self.host)
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}/"
+
+    def start(self, timeout: float = 15.0) -> "WebServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise ClipseekError(f"the web page could not listen on {self.host}:{self.port} "
+                                    f"(is the port taken? use --web-port)")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def __enter__(self) -> "WebServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_in_thread(app: FastAPI, host: str, port: int) -> WebServer:
+    """Start ``app`` on ``host:port`` in a background thread; returns once it listens."""
+    return WebServer(app, host, port).start()
+
+
+CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; form-action 'none'; base-uri 'none'"
+
+PAGE = (files(__name__) / "index.html").read_text(encoding="utf-8")

@@ -1,0 +1,321 @@
+"""Image sources and CLIP preprocessing as pure functions (no torch, no jina).
+
+One way for pixels to travel: ``read_source`` turns a path, file URI, http(s) URL,
+data URI or raw bytes into bytes; ``decode_image`` turns bytes into an upright RGB
+PIL image; ``preprocess`` turns an RGB image into a normalized CHW float32 array that
+matches transformers' ``CLIPImageProcessor``. Each step raises ``ImageError`` with a
+message that names the input and the cause.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from executors.images.netguard import FetchError, fetch_url
+
+# What a source that is not a local path starts with.
+URL_PREFIXES = ("http://", "https://", "file://", "data:")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif")
+
+try:  # HEIC / HEIF from phones; AVIF is read by Pillow itself
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # pragma: no cover - the lock installs it
+    pillow_heif = None
+
+# Pillow refuses images above this many pixels with DecompressionBombError (2x its warning level).
+MAX_IMAGE_PIXELS = 89_478_485
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+_RESAMPLE = {
+    0: Image.Resampling.NEAREST,
+    1: Image.Resampling.LANCZOS,
+    2: Image.Resampling.BILINEAR,
+    3: Image.Resampling.BICUBIC,
+    4: Image.Resampling.BOX,
+    5: Image.Resampling.HAMMING,
+}
+
+
+class ImageError(ValueError):
+    """An input that cannot become pixels; the message names the input and the cause."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The resize / crop / normalize recipe of a CLIP image processor."""
+
+    shortest_edge: int = 224
+    crop_height: int = 224
+    crop_width: int = 224
+    mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073)
+    std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711)
+    resample: int = 3
+    rescale_factor: float = 1 / 255
+
+    @classmethod
+    def from_processor_config(cls, cfg: dict) -> "Preprocess":
+        """Build from a ``preprocessor_config.json`` dict (transformers' CLIPImageProcessor)."""
+        size = cfg.get("size", 224)
+        shortest = size.get("shortest_edge", size.get("height", 224)) if isinstance(size, dict) else int(size)
+        crop = cfg.get("crop_size", shortest)
+        if isinstance(crop, dict):
+            ch, cw = int(crop.get("height", shortest)), int(crop.get("width", shortest))
+        else:
+            ch = cw = int(crop)
+        return cls(
+            shortest_edge=int(shortest),
+            crop_height=ch,
+            crop_width=cw,
+            mean=tuple(cfg.get("image_mean", cls.mean)),
+            std=tuple(cfg.get("image_std", cls.std)),
+            resample=int(cfg.get("resample", 3)),
+            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+        )
+
+
+@dataclass
+class SourceInfo:
+    """What was learnt about a source while reading it."""
+
+    uri: str
+    data: bytes
+    mtime: Optional[float] = None
+    size: Optional[int] = None
+    content_hash: str = field(default="")
+
+    def __post_init__(self):
+        if not self.content_hash:
+            self.content_hash = content_hash(self.data)
+        if self.size is None:
+            self.size = len(self.data)
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def uri_id(uri: str) -> str:
+    """Stable document id for a path or URL."""
+    return hashlib.sha1(uri.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+def is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def local_path(uri: str) -> Optional[str]:
+    """The filesystem path of ``uri`` if it is a plain path or a file URI, else None."""
+    if uri.startswith("file://"):
+        # percent-escapes are bytes: a file URI can name a file whose name is not UTF-8 (see path_uri)
+        return os.fsdecode(urllib.parse.unquote_to_bytes(urllib.parse.urlparse(uri).path))
+    if "://" in uri or uri.startswith("data:"):
+        return None
+    return uri
+
+
+def path_uri(path: str) -> str:
+    """A name for a local path that survives UTF-8 transport (gRPC, SQLite, a terminal): the path itself
+    when it is valid UTF-8, else a ``file://`` URI whose percent-escapes keep the exact bytes
+    (``local_path`` turns it back into the path)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "file://" + urllib.parse.quote(os.fsencode(os.path.abspath(path)))
+
+
+def check_allowed_root(uri: str, path: str, allowed_roots: Optional[Sequence[str]]) -> str:
+    """The real path of ``path`` if it lies under one of ``allowed_roots`` (None: anywhere), else ImageError.
+
+    Both sides go through ``os.path.realpath``, so neither ``..`` nor a symlink leads out of a root."""
+    real = os.path.realpath(path)
+    if allowed_roots is None:
+        return real
+    for root in allowed_roots:
+        root_real = os.path.realpath(os.path.expanduser(os.fspath(root)))
+        try:
+            if os.path.commonpath([root_real, real]) == root_real:
+                return real
+        except ValueError:
+            continue
+    raise ImageError(f"{uri}: refused: the path is outside the folders this server may read "
+                     f"(its allowed roots, set with --allow-root or CLIPSEEK_ALLOWED_ROOTS)")
+
+
+def read_source(uri: str, *, timeout: float = 10.0, max_bytes: int = 50 * 2**20, allow_private: bool = False,
+                allowed_roots: Optional[Sequence[str]] = None) -> SourceInfo:
+    """Read the bytes behind a path, file URI, http(s) URL or data URI.
+
+    A local path is read only if it resolves under one of ``allowed_roots`` (None: no restriction).
+    An http(s) URL is fetched through ``executors.images.netguard.fetch_url``: redirects checked at every hop,
+    and unless ``allow_private`` no host that resolves to a loopback, private or link-local address."""
+    if uri.startswith("data:"):
+        return SourceInfo(uri=uri[:64], data=_read_data_uri(uri))
+    path = local_path(uri)
+    if path is not None:
+        path = check_allowed_root(uri, path, allowed_roots) if allowed_roots is not None else path
+        try:
+            st = os.stat(path)
+            if st.st_size > max_bytes:
+                raise ImageError(f"{uri}: file is {st.st_size} bytes, over the {max_bytes}-byte cap")
+            with open(path, "rb") as f:
+                data = f.read()
+        except ImageError:
+            raise
+        except FileNotFoundError:
+            raise ImageError(f"{uri}: no such file") from None
+        except IsADirectoryError:
+            raise ImageError(f"{uri}: is a directory, not an image file") from None
+        except PermissionError:
+            raise ImageError(f"{uri}: permission denied") from None
+        except OSError as e:
+            raise ImageError(f"{uri}: cannot read ({e.strerror or e})") from None
+        return SourceInfo(uri=uri, data=data, mtime=st.st_mtime, size=st.st_size)
+    scheme = urllib.parse.urlparse(uri).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ImageError(f"{uri}: unsupported URL scheme {scheme!r} (use a path, file://, http(s):// or data:)")
+    try:
+        data = fetch_url(uri, timeout=timeout, max_bytes=max_bytes, allow_private=allow_private)
+    except FetchError as e:
+        raise ImageError(str(e)) from None
+    return SourceInfo(uri=uri, data=data)
+
+
+def _read_data_uri(uri: str) -> bytes:
+    head, sep, payload = uri.partition(",")
+    if not sep:
+        raise ImageError("data URI without a ',' separator")
+    try:
+        if head.endswith(";base64"):
+            return base64.b64decode(payload, validate=True)
+        return urllib.parse.unquote_to_bytes(payload)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"data URI: invalid base64 payload ({e})") from None
+
+
+def decode_image(data: bytes, name: str = "image", *, draft_size: Optional[int] = None,
+                 max_megapixels: Optional[float] = None) -> Image.Image:
+    """Decode bytes into an upright RGB image (EXIF rotation applied, first frame of animations).
+
+    ``draft_size`` lets JPEG decode at a reduced scale (1/2, 1/4, 1/8) that still covers
+    that many pixels on its short side: much faster for big photos, slightly different pixels.
+    A reduced image carries the upright full-scale (width, height) as ``original_size``.
+    ``max_megapixels`` bounds what is decoded: a bigger JPEG is decoded at a reduced scale
+    that fits, any other bigger image is refused before its pixels are read.
+    """
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        full_size = img.size
+        if max_megapixels and full_size[0] * full_size[1] > max_megapixels * 1e6:
+            if img.format != "JPEG":
+                raise ImageError(f"{name}: {full_size[0]}x{full_size[1]} is {full_size[0] * full_size[1] / 1e6:.1f} "
+                                 f"megapixels, over the limit of {max_megapixels:g}")
+            # the largest JPEG decoding scale (1/2, 1/4, 1/8) whose pixels fit the limit
+            scale = next((f for f in (0.5, 0.25, 0.125)
+                          if full_size[0] * f * full_size[1] * f <= max_megapixels * 1e6), 0.125)
+            img.draft("RGB", (int(-(-full_size[0] * scale // 1)), int(-(-full_size[1] * scale // 1))))
+            if img.size[0] * img.size[1] > max_megapixels * 1e6:  # 1/8 is the smallest JPEG scale
+                raise ImageError(f"{name}: {full_size[0]}x{full_size[1]} cannot be decoded within "
+                                 f"{max_megapixels:g} megapixels")
+        elif draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        decoded_size = img.size
+        img = to_rgb(ImageOps.exif_transpose(img))
+        if decoded_size != full_size:
+            turned = img.size != decoded_size  # EXIF rotated it by 90 or 270 degrees
+            img.original_size = (full_size[1], full_size[0]) if turned else full_size
+        return img
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: image too large (over {MAX_IMAGE_PIXELS} pixels)") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{name}: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: cannot decode image ({e})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB view of any PIL mode; transparent areas become white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return background
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() or 1.0
+        return Image.fromarray((arr * (255.0 / max(hi, 255.0 if hi <= 255 else 65535.0))).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
+def array_to_image(arr: np.ndarray, name: str = "tensor") -> Image.Image:
+    """An already decoded HWC (or CHW) uint8/float array as an RGB image."""
+    a = np.asarray(arr)
+    if a.ndim == 2:
+        a = np.stack([a] * 3, axis=-1)
+    if a.ndim != 3:
+        raise ImageError(f"{name}: expected an HxWxC image array, got shape {a.shape}")
+    if a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        a = np.transpose(a, (1, 2, 0))
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    if a.shape[-1] == 4:
+        a = a[..., :3]
+    if a.dtype != np.uint8:
+        a = np.asarray(a, dtype=np.float32)
+        if a.size and a.max() <= 1.0:
+            a = a * 255.0
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(a), "RGB")
+
+
+def preprocess(img: Image.Image, recipe: Preprocess) -> np.ndarray:
+    """RGB image -> normalized CHW float32, as CLIPImageProcessor computes it."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short = recipe.shortest_edge
+    new_long = int(new_short * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample=_RESAMPLE.get(recipe.resample, Image.Resampling.BICUBIC))
+    # Crop the uint8 pixels first (the zero padding is the same in uint8 and float), then convert
+    # only the crop: the same numbers as converting the whole resized image, for a fraction of the work.
+    arr = _center_crop(np.asarray(img), recipe.crop_height, recipe.crop_width)
+    mean = np.asarray(recipe.mean, dtype=np.float32)
+    std = np.asarray(recipe.std, dtype=np.float32)
+    out = np.empty((recipe.crop_height, recipe.crop_width, arr.shape[2]), dtype=np.float32)
+    np.multiply(arr, np.float32(recipe.rescale_factor), out=out, dtype=np.float32)
+    out -= mean
+    out /= std
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def _center_crop(arr: np.ndarray, ch: int, cw: int) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if h < ch or w < cw:  # pad like transformers does for images smaller than the crop
+        ph, pw = max(ch, h), max(cw, w)
+        padded = np.zeros((ph, pw, arr.shape[2]), dtype=arr.dtype)
+        top, left = (ph - h + 1) // 2, (pw - w + 1) // 2  # transformers rounds the pad up: ceil(diff / 2)
+        padded[top : top + h, left : left + w] = arr
+        arr, h, w = padded, ph, pw
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return arr[top : top + ch, left : left + cw]

@@ -1,0 +1,557 @@
+"""On-disk vector store: float32 vectors in a memory-mapped file, metadata in SQLite.
+
+Layout of a store folder (created user-only, 0700 / 0600):
+
+- ``vectors.f32``: rows of ``dim`` float32, row ``r`` at byte ``r * dim * 4``; the file
+  grows in chunks and is only ever read through a read-only memory map. A store made with
+  ``dtype="float16"`` keeps ``vectors.f16`` instead (half the bytes, row ``r`` at
+  ``r * dim * 2``); its dtype is recorded in ``meta`` so every later opener reads it right,
+  and the scan converts each chunk to float32 before the dot products.
+- ``meta.sqlite`` (WAL mode): table ``rows`` (one per live document: row number, id,
+  uri, tags, file facts) and table ``meta`` (schema version, dim, model, storage dtype,
+  high-water row count, generation).
+- ``write.lock``: held (flock) by the one process that writes.
+
+Commit protocol, so that a kill at any moment leaves a consistent store: new vectors are
+written past the committed high-water mark and synced to disk; then one SQLite
+transaction inserts their rows and moves the high-water mark. Rows past the mark are
+ignored and overwritten. An upsert writes a new row and re-points the id, so a reader
+never sees a half-written vector under a committed id, and a deleted row is never
+matched again. Readers in other processes see each commit at their next search.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from executors.store import filters
+from executors.store.scan import F16_CHUNK_ROWS, top_k
+from executors.params import dtype_name, worker_threads
+
+SCHEMA_VERSION = 1
+VECTORS_FILE = "vectors.f32"
+VECTORS_FILE_F16 = "vectors.f16"
+# storage dtype name -> (file name, numpy dtype); a store without a recorded dtype is float32.
+STORAGE = {"float32": (VECTORS_FILE, np.float32), "float16": (VECTORS_FILE_F16, np.float16)}
+DB_FILE = "meta.sqlite"
+LOCK_FILE = "write.lock"
+# Values per SQL "IN (...)": well under SQLite's limit of bound parameters in one statement.
+SQL_IN_CHUNK = 500
+META_COLUMNS = ("uri", "tags", "content_hash", "mtime", "size", "width", "height", "indexed_at")
+
+logger = logging.getLogger(__name__)
+
+
+class StoreError(ValueError):
+    """A request the store refuses; the message says why."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store for writing."""
+
+
+@dataclass
+class Record:
+    """Metadata of one stored vector."""
+
+    id: str
+    uri: Optional[str] = None
+    tags: Dict[str, Any] = field(default_factory=dict)
+    content_hash: Optional[str] = None
+    mtime: Optional[float] = None
+    size: Optional[int] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    indexed_at: Optional[float] = None
+
+
+class VectorStore:
+    """Exact cosine search over unit vectors kept on disk."""
+
+    def __init__(self, path: str, *, growth_rows: int = 16384, chunk_rows: int = 65536,
+                 dtype: Optional[str] = None):
+        """``dtype`` (``float32`` or ``float16``) is the storage type of a new or empty store;
+        ``None`` keeps what the store records (float32 for a new one). Asking an index that already
+        holds vectors for another dtype raises StoreError."""
+        self.path = os.path.abspath(path)
+        self._requested_dtype = storage_dtype_name(dtype) if dtype is not None else None
+        self.growth_rows = int(growth_rows)
+        self.chunk_rows = int(chunk_rows)
+        self.f16_chunk_rows = F16_CHUNK_ROWS
+        # What multiplies the chunks: "numpy", "torch", or "auto" = numpy's BLAS for float32 rows and torch
+        # (when installed) for float16 rows, which it multiplies without widening them first
+        # (benchmarks/indexer_bench.py times both).
+        self.scan = "auto"
+        # Threads that scan chunks side by side (numpy scans; torch uses its own threads).
+        self.scan_threads = worker_threads()
+        self._pool = None
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        _make_private(self.path)  # a folder made by someone else first (jina makes the executor's workspace) too
+        db_path = os.path.join(self.path, DB_FILE)
+        _touch_private(db_path)
+        self._db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._lock = threading.RLock()
+        self._write_fd: Optional[int] = None
+        self._lock_fd: Optional[int] = None
+        self._capacity = 0
+        self._write_dtype: Optional[str] = None
+        self._generation: Optional[int] = None
+        self._view: Optional[np.ndarray] = None
+        self._live = np.zeros(0, dtype=bool)
+        self._init_schema()
+
+    # ---- schema and meta -------------------------------------------------------------
+    def _init_schema(self) -> None:
+        with self._transaction():
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS rows (row INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, uri TEXT, "
+                "tags TEXT NOT NULL DEFAULT '{}', content_hash TEXT, mtime REAL, size INTEGER, width INTEGER, "
+                "height INTEGER, indexed_at REAL)"
+            )
+            self._db.execute("CREATE INDEX IF NOT EXISTS rows_uri ON rows(uri)")
+            for key, value in (("schema_version", SCHEMA_VERSION), ("high_water", 0), ("generation", 0)):
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, str(value)))
+            wanted = self._requested_dtype
+            if wanted is not None and wanted != self._meta("dtype"):
+                have, committed = self.dtype, int(self._meta("high_water") or 0)
+                if committed and have != wanted:
+                    raise StoreError(
+                        f"index at {self.path} stores {have} vectors; it cannot be opened as {wanted} while it "
+                        f"holds vectors. Use another workspace, or clear the index first"
+                    )
+                self._set_meta("dtype", wanted)  # an empty store takes the dtype it is asked for
+        version = int(self._meta("schema_version"))
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"index at {self.path} has schema version {version}; this clipseek reads version {SCHEMA_VERSION}. "
+                f"Re-index into a new workspace (or restore a snapshot made by a matching version)."
+            )
+        high_water, dim = int(self._meta("high_water")), self.dim
+        if dim and high_water:
+            file_name, np_dtype = STORAGE[self.dtype]
+            path = os.path.join(self.path, file_name)
+            needed = high_water * dim * np.dtype(np_dtype).itemsize
+            have = os.path.getsize(path) if os.path.exists(path) else 0
+            if have < needed:
+                raise StoreError(f"index at {self.path} is damaged: {file_name} holds {have} bytes, "
+                                 f"{high_water} committed rows need {needed}")
+
+    def _transaction(self, immediate: bool = True):
+        return _Transaction(self._db, immediate)
+
+    def _meta(self, key: str) -> Optional[str]:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def _set_meta(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, None if value is None else str(value)))
+
+    @property
+    def dim(self) -> Optional[int]:
+        value = self._meta("dim")
+        return int(value) if value else None
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype of the vectors: ``float32`` (also for stores made before dtypes existed) or ``float16``."""
+        value = self._meta("dtype")
+        if value and value not in STORAGE:
+            raise StoreError(f"index at {self.path} records storage dtype {value!r}, which this clipseek cannot read")
+        return value or "float32"
+
+    @property
+    def model(self) -> Optional[str]:
+        return self._meta("model") or None
+
+    @property
+    def count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+
+    def bytes_on_disk(self) -> int:
+        total = 0
+        for name in os.listdir(self.path):
+            try:
+                total += os.stat(os.path.join(self.path, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+        return total
+
+    # ---- writing -----------------------------------------------------------------------
+    def _acquire_writer(self) -> None:
+        if self._lock_fd is not None:
+            return
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLockedError(
+                f"index at {self.path} is open for writing by another process (pid {holder}); "
+                f"stop that process or use another workspace"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def _vectors_file(self, dtype: str) -> str:
+        return os.path.join(self.path, STORAGE[dtype][0])
+
+    def _open_vectors_for_write(self, dtype: str) -> int:
+        if self._write_fd is not None and self._write_dtype != dtype:
+            os.close(self._write_fd)
+            self._write_fd = None
+        if self._write_fd is None:
+            self._write_fd = os.open(self._vectors_file(dtype), os.O_RDWR | os.O_CREAT, 0o600)
+            self._write_dtype = dtype
+            self._capacity = 0
+        return self._write_fd
+
+    def _ensure_capacity(self, rows: int, dim: int, dtype: str) -> None:
+        fd = self._open_vectors_for_write(dtype)
+        row_bytes = dim * np.dtype(STORAGE[dtype][1]).itemsize
+        current = os.fstat(fd).st_size // row_bytes
+        if current >= rows:
+            self._capacity = current
+            return
+        grown = max(rows, current + self.growth_rows)
+        grown = -(-grown // self.growth_rows) * self.growth_rows
+        os.ftruncate(fd, grown * row_bytes)
+        self._capacity = grown
+
+    def check_compatible(self, dim: int, model: Optional[str]) -> None:
+        """Raise StoreError if vectors of this dim / model cannot join the store."""
+        have_dim, have_model = self.dim, self.model
+        if have_dim and have_dim != dim:
+            raise StoreError(
+                f"index at {self.path} holds {have_dim}-d embeddings (model {have_model}); got {dim}-d "
+                f"(model {model}). Use another workspace, or clear the index first"
+            )
+        if have_model and model and have_model != model:
+            raise StoreError(
+                f"index at {self.path} holds embeddings of model {have_model!r}; got embeddings of model {model!r}. "
+                f"Use another workspace, or clear the index first"
+            )
+
+    def upsert(self, vectors: np.ndarray, records: Sequence[Record], model: Optional[str] = None) -> None:
+        """Add or replace ``records`` (ids unique within the call) with their ``vectors``."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(records):
+            raise StoreError(f"expected {len(records)} vectors as a 2-d array, got shape {vectors.shape}")
+        if not len(records):
+            return
+        ids = [r.id for r in records]
+        if len(set(ids)) != len(ids):
+            raise StoreError("ids must be unique within one upsert")
+        if not np.isfinite(vectors).all():
+            raise StoreError("vectors contain NaN or infinity")
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise StoreError("vectors contain an all-zero row (no direction to compare)")
+        vectors = np.ascontiguousarray(vectors / norms, dtype=np.float32)
+        n, dim = vectors.shape
+        self.check_compatible(dim, model)
+        with self._lock:
+            self._acquire_writer()
+            high_water = int(self._meta("high_water"))
+            dtype = self.dtype
+            np_dtype = STORAGE[dtype][1]
+            self._ensure_capacity(high_water + n, dim, dtype)
+            fd = self._open_vectors_for_write(dtype)
+            _pwrite_all(fd, vectors.astype(np_dtype, copy=False).tobytes(), high_water * dim * np.dtype(np_dtype).itemsize)
+            os.fdatasync(fd)
+            now = time.time()
+            with self._transaction():
+                self.check_compatible(dim, model)
+                if self.dtype != dtype:  # another opener switched the (then empty) store meanwhile
+                    raise StoreError(f"index at {self.path} changed its storage dtype to {self.dtype} during this write; retry")
+                if not self.dim:
+                    self._set_meta("dim", dim)
+                if model and not self.model:
+                    self._set_meta("model", model)
+                self._db.executemany(
+                    "INSERT INTO rows (row, id, uri, tags, content_hash, mtime, size, width, height, indexed_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET row=excluded.row, "
+                    "uri=excluded.uri, tags=excluded.tags, content_hash=excluded.content_hash, mtime=excluded.mtime, "
+                    "size=excluded.size, width=excluded.width, height=excluded.height, indexed_at=excluded.indexed_at",
+                    [
+                        (high_water + i, r.id, r.uri, json.dumps(r.tags or {}), r.content_hash, r.mtime, r.size,
+                         r.width, r.height, now)
+                        for i, r in enumerate(records)
+                    ],
+                )
+                self._set_meta("high_water", high_water + n)
+                self._bump_generation()
+
+    def _bump_generation(self) -> None:
+        self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+
+    def delete(self, ids: Iterable[str]) -> int:
+        ids = list(ids)
+        if not ids:
+            return 0
+        with self._lock:
+            self._acquire_writer()
+            with self._transaction():
+                deleted = 0
+                for marks, part in _in_chunks(ids):
+                    deleted += self._db.execute(f"DELETE FROM rows WHERE id IN ({marks})", part).rowcount
+                if deleted:
+                    self._bump_generation()
+            return deleted
+
+    def clear(self) -> int:
+        """Remove every row, the dim and the model; the space on disk is given back."""
+        with self._lock:
+            self._acquire_writer()
+            with self._transaction():
+                removed = self._db.execute("DELETE FROM rows").rowcount
+                self._db.execute("DELETE FROM meta WHERE key IN ('dim', 'model')")
+                self._set_meta("high_water", 0)
+                self._bump_generation()
+            # A fresh file replaces the old one; readers keep their map of the old one until they re-map.
+            vectors_path = self._vectors_file(self.dtype)
+            tmp = vectors_path + ".new"
+            os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600))
+            os.replace(tmp, vectors_path)
+            if self._write_fd is not None:
+                os.close(self._write_fd)
+                self._write_fd = None
+            return removed
+
+    # ---- reading -----------------------------------------------------------------------
+    def _refresh(self) -> Tuple[Optional[np.ndarray], np.ndarray]:
+        """The committed vectors (read-only map) and the live-row mask, re-read after each commit."""
+        generation = int(self._meta("generation"))
+        if generation == self._generation:
+            return self._view, self._live
+        with self._transaction(immediate=False):
+            generation = int(self._meta("generation"))
+            high_water = int(self._meta("high_water"))
+            dim = self.dim
+            dtype = self.dtype
+            rows = np.fromiter((r for (r,) in self._db.execute("SELECT row FROM rows")), dtype=np.int64)
+        live = np.zeros(high_water, dtype=bool)
+        live[rows] = True
+        view = None
+        if high_water and dim:
+            view = np.memmap(self._vectors_file(dtype), dtype=STORAGE[dtype][1], mode="r", shape=(high_water, dim))
+        self._view, self._live, self._generation = view, live, generation
+        return view, live
+
+    def search(self, queries: np.ndarray, limit: int = 10, min_score: Optional[float] = None,
+               where: Optional[Mapping[str, Any]] = None) -> List[List[Tuple[Record, float]]]:
+        """Top-``limit`` cosine matches per query, best first, among rows matching ``where``."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        norms = np.linalg.norm(queries, axis=-1, keepdims=True)  # scores are cosines whatever the query's length
+        queries = queries / np.where(norms > 0, norms, 1).astype(np.float32)
+        if limit < 1:
+            raise StoreError(f"limit must be at least 1, got {limit}")
+        with self._lock:
+            view, live = self._refresh()
+            if view is None:
+                return [[] for _ in queries]
+            if queries.shape[1] != view.shape[1]:
+                raise StoreError(f"query has {queries.shape[1]} dimensions; the index at {self.path} holds {view.shape[1]}")
+            mask = live
+            if where:
+                mask = live & self._rows_matching(where, len(live))
+            scores, rows = top_k(view, mask, queries, limit, min_score, scan=self.scan, chunk_rows=self.chunk_rows,
+                                 f16_chunk_rows=self.f16_chunk_rows,
+                                 pool=self._scan_pool if self.scan_threads > 1 else None)
+        results = []
+        wanted = sorted({int(r) for r in rows.ravel() if r >= 0})
+        records = self._records_by_row(wanted)
+        for q_scores, q_rows in zip(scores, rows):
+            hits = []
+            for score, row in zip(q_scores, q_rows):
+                record = records.get(int(row)) if row >= 0 else None
+                if record is not None:  # a row deleted since the mask was read is dropped
+                    hits.append((record, float(score)))
+            results.append(hits)
+        return results
+
+    def _scan_pool(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.scan_threads, thread_name_prefix="clipseek-scan")
+        return self._pool
+
+    def _rows_matching(self, where: Mapping[str, Any], size: int) -> np.ndarray:
+        condition, params = filters.to_sql(where)
+        mask = np.zeros(size, dtype=bool)
+        rows = np.fromiter((r for (r,) in self._db.execute(f"SELECT row FROM rows WHERE {condition}", params)), dtype=np.int64)
+        rows = rows[rows < size]
+        mask[rows] = True
+        return mask
+
+    def _records_by_row(self, rows: Sequence[int]) -> Dict[int, Record]:
+        out: Dict[int, Record] = {}
+        for marks, part in _in_chunks(rows):
+            for row in self._db.execute(f"SELECT row, id, {', '.join(META_COLUMNS)} FROM rows WHERE row IN ({marks})", part):
+                out[row[0]] = _record(row[1:])
+        return out
+
+    def get(self, ids: Sequence[str]) -> Dict[str, Record]:
+        """Stored metadata of these ids (missing ids are left out)."""
+        out: Dict[str, Record] = {}
+        for marks, part in _in_chunks(ids):
+            for row in self._db.execute(f"SELECT id, {', '.join(META_COLUMNS)} FROM rows WHERE id IN ({marks})", part):
+                out[row[0]] = _record(row)
+        return out
+
+    def vectors(self, ids: Sequence[str]) -> Dict[str, np.ndarray]:
+        """Stored vectors of these ids, read from the map (missing ids are left out)."""
+        ids = list(ids)
+        with self._lock:
+            view, _ = self._refresh()
+            if view is None or not ids:
+                return {}
+            found = {}
+            for marks, part in _in_chunks(ids):
+                found.update(self._db.execute(f"SELECT id, row FROM rows WHERE id IN ({marks})", part).fetchall())
+            return {i: np.array(view[r], dtype=np.float32) for i, r in found.items() if r < len(view)}
+
+    def iter_records(self, batch: int = 1000) -> Iterable[Tuple[int, Record]]:
+        """Every live (row, record), in row order."""
+        last = -1
+        while True:
+            rows = self._db.execute(
+                f"SELECT row, id, {', '.join(META_COLUMNS)} FROM rows WHERE row > ? ORDER BY row LIMIT ?", (last, batch)
+            ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield row[0], _record(row[1:])
+            last = rows[-1][0]
+
+    def near_duplicates(self, threshold: float = 0.95, block_rows: int = 8192) -> List[List[Tuple[Record, float]]]:
+        """Groups of live documents whose vectors have cosine >= ``threshold`` (linked transitively),
+        computed block by block over the map so memory stays at two blocks and their products.
+        Each group is (record, best cosine to another member), largest groups first."""
+        with self._lock:
+            view, live = self._refresh()
+            if view is None:
+                return []
+            rows = np.flatnonzero(live)
+            parent = {int(r): int(r) for r in rows}
+            best: Dict[int, float] = {}
+
+            def find(x: int) -> int:
+                while parent[x] != x:
+                    parent[x] = parent[parent[x]]
+                    x = parent[x]
+                return x
+
+            for i in range(0, len(rows), block_rows):
+                a_rows = rows[i : i + block_rows]
+                a = np.asarray(view[a_rows], dtype=np.float32)
+                for j in range(i, len(rows), block_rows):
+                    b_rows = rows[j : j + block_rows]
+                    sims = a @ np.asarray(view[b_rows], dtype=np.float32).T
+                    if i == j:
+                        sims = np.triu(sims, k=1)
+                    for x, y in zip(*np.nonzero(sims >= threshold)):
+                        ra, rb, sim = int(a_rows[x]), int(b_rows[y]), float(sims[x, y])
+                        best[ra] = max(best.get(ra, -1.0), sim)
+                        best[rb] = max(best.get(rb, -1.0), sim)
+                        parent[find(ra)] = find(rb)
+            groups: Dict[int, List[int]] = {}
+            for row in best:
+                groups.setdefault(find(row), []).append(row)
+        records = self._records_by_row(sorted(best))
+        out = [[(records[r], best[r]) for r in sorted(members) if r in records] for members in groups.values()]
+        out = [g for g in out if len(g) > 1]
+        return sorted(out, key=lambda g: (-len(g), g[0][0].id))
+
+    def page_by_id(self, after_id: str = "", limit: int = 1000) -> List[Record]:
+        """Up to ``limit`` records with ids above ``after_id``, in id order (stable paging)."""
+        rows = self._db.execute(f"SELECT id, {', '.join(META_COLUMNS)} FROM rows WHERE id > ? ORDER BY id LIMIT ?",
+                                (after_id, int(limit))).fetchall()
+        return [_record(row) for row in rows]
+
+    def status(self) -> Dict[str, Any]:
+        return {"count": self.count, "dim": self.dim, "model": self.model, "bytes_on_disk": self.bytes_on_disk(),
+                "schema_version": SCHEMA_VERSION, "path": self.path}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        with self._lock:
+            if self._write_fd is not None:
+                os.close(self._write_fd)
+                self._write_fd = None
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            self._view = None
+            self._db.close()
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection, immediate: bool):
+        self.db, self.immediate = db, immediate
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        return False
+
+
+def storage_dtype_name(dtype: Any) -> str:
+    """``float32`` or ``float16`` for any spelling of them (numpy dtypes too); anything else is refused."""
+    return dtype_name(dtype, tuple(STORAGE), what="storage dtype", error=StoreError)
+
+
+def _in_chunks(values: Sequence[Any], size: int = SQL_IN_CHUNK) -> Iterator[Tuple[str, List[Any]]]:
+    """``values`` in slices small enough for one SQL ``IN (...)``: (the ``?, ?, ...`` marks, the slice)."""
+    values = list(values)
+    for start in range(0, len(values), size):
+        part = values[start : start + size]
+        yield ",".join("?" * len(part)), part
+
+
+def _record(row: Sequence[Any]) -> Record:
+    rid, uri, tags, content_hash, mtime, size, width, height, indexed_at = row
+    return Record(rid, uri, json.loads(tags or "{}"), content_hash, mtime, size, width, height, indexed_at)
+
+
+def _make_private(folder: str) -> None:
+    """Take group and other permissions off ``folder`` (the store's own folder: the index is the user's alone)."""
+    try:
+        mode = os.stat(folder).st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(folder, mode & 0o700)
+    except OSError as e:
+        logger.warning("cannot make %s private (%s): its files stay user-only", folder, e)
+
+
+def _touch_private(path: str) -> None:
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written

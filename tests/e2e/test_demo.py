@@ -1,0 +1,142 @@
+"""The shipped demo model on the generated picture world: semantic search over gRPC, the demo
+command, the training command, and the notebook walkthrough."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from clipseek.demo import world
+from flows.settings import DEMO_MODEL_DIR, PROJECT_ROOT
+
+HELD_OUT_SEED = 7777  # train.py renders its training pool from seed + 1 and its own evaluation from seed + 99
+DEMO_RECALL_AT_5 = 0.85
+
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DEMO_MODEL_DIR, "config.json")),
+                                reason="the demo model is not in data/models")
+
+
+def test_world_is_deterministic_and_labelled(tmp_path):
+    a = world.write_world(str(tmp_path / "a"), n=12, seed=5)
+    b = world.write_world(str(tmp_path / "b"), n=12, seed=5)
+    assert a == b
+    assert (tmp_path / "a" / a[0]["file"]).read_bytes() == (tmp_path / "b" / b[0]["file"]).read_bytes()
+    assert a[0]["caption"] == world.scene_of(a[0]).caption()
+    assert len(world.COLOURS) >= 8 and len(world.SHAPES) >= 6
+
+
+def test_shipped_model_is_small_and_loads_like_a_hub_model():
+    from transformers import CLIPModel
+
+    size = sum(os.path.getsize(os.path.join(DEMO_MODEL_DIR, f)) for f in os.listdir(DEMO_MODEL_DIR))
+    assert size < 20 * 2**20
+    model = CLIPModel.from_pretrained(DEMO_MODEL_DIR)
+    assert model.config.projection_dim > 0
+
+
+def test_shipped_model_retrieves_held_out_pictures():
+    """Measured here, by the training command's own evaluation, on pictures of a seed never trained on."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from clipseek.demo import train
+    from executors.images.imaging import Preprocess
+    from executors.models.loading import image_processor_config
+
+    model = CLIPModel.from_pretrained(DEMO_MODEL_DIR).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    recipe = Preprocess.from_processor_config(image_processor_config(DEMO_MODEL_DIR))
+    pixels, codes = train.render_pool(HELD_OUT_SEED, 600, recipe)
+    metrics = train.evaluate(model, tokenizer, pixels, codes)
+    print(metrics)
+    assert metrics["recall@5"] >= DEMO_RECALL_AT_5, metrics
+
+
+def test_semantic_search_over_grpc(tmp_path):
+    """Held-out pictures (a seed never trained on) indexed through the flows and searched with
+    their captions: precision@5 >= 0.8 (a hit counts when it fits every attribute the caption names)."""
+    from clipseek.client import ClipseekClient
+    from flows.serving import flows_in_subprocess, free_port
+    from flows.settings import Settings
+
+    folder = str(tmp_path / "world")
+    records = world.write_world(folder, n=240, seed=4242)
+    settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=DEMO_MODEL_DIR,
+                        device="cpu", workspace=str(tmp_path / "ws"))
+    by_file = {r["file"]: world.scene_of(r) for r in records}
+    captions = sorted({r["caption"] for r in records})
+    with flows_in_subprocess(settings):
+        client = ClipseekClient(settings.index_address, settings.search_address)
+        assert len(client.index([folder]).indexed) == 240
+        answers = client.search_many(captions, limit=5)
+    precisions = []
+    for caption, hits in zip(captions, answers):
+        wanted = next(world.scene_of(r) for r in records if r["caption"] == caption)
+        relevant = sum(1 for scene in by_file.values() if scene.matches(wanted))
+        good = sum(1 for h in hits if by_file[os.path.basename(h.uri)].matches(wanted))
+        precisions.append(good / min(5, relevant))
+    mean = float(np.mean(precisions))
+    print(f"caption precision@5 over {len(captions)} queries: {mean:.3f}")
+    assert mean >= 0.8
+
+
+def test_demo_command_prints_hits_and_writes_a_grid(tmp_path):
+    plot = tmp_path / "hits.png"
+    out = subprocess.run(
+        [sys.executable, "-m", "clipseek.cli", "demo", "-n", "60", "--workspace", str(tmp_path / "demo"),
+         "--plot", str(plot), "--query", "a red circle", "--query", "two small blue squares"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "indexed 60, unchanged 0 (skipped), failed 0" in out.stdout
+    assert "“a red circle”" in out.stdout and "“two small blue squares”" in out.stdout
+    ranks = [line.split()[0] for line in out.stdout.splitlines() if line.startswith("   ")]
+    assert ranks.count("1") == 2 and ranks.count("5") == 2
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    # a short story a person can read: no jina or transformers internals, their logs in the workspace's file
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert len(lines) <= 20, lines
+    for noise in ("Flow is ready", "Getting endpoints", "Loading weights", "rep-0@", "Traceback"):
+        assert noise not in out.stdout + out.stderr
+    log = (tmp_path / "demo" / "clipseek.log").read_text()
+    assert "rep-0@" in log  # jina's own lines
+    assert f"their logs go to {tmp_path / 'demo' / 'clipseek.log'}" in out.stdout
+
+
+def test_training_command_runs_and_its_model_serves(tmp_path):
+    from docarray import DocList
+
+    from executors.clip_image_encoder import CLIPImageEncoder
+    from executors.clip_text_encoder import CLIPTextEncoder
+    from executors.docs import ImageInput, TextQuery
+    from clipseek.demo.train import train
+
+    out = str(tmp_path / "model")
+    metrics = train(out, max_steps=3, pool_size=64, batch_size=16, eval_size=32, log=lambda *_: None)
+    assert metrics["steps"] == 3 and 0.0 <= metrics["recall@5"] <= 1.0
+    pictures = world.write_world(str(tmp_path / "p"), n=2, seed=1)
+    images = DocList[ImageInput]([ImageInput(url=str(tmp_path / "p" / r["file"])) for r in pictures])
+    CLIPImageEncoder(pretrained_model_name_or_path=out).encode(images)
+    texts = DocList[TextQuery]([TextQuery(text=pictures[0]["caption"])])
+    CLIPTextEncoder(pretrained_model_name_or_path=out).encode(texts)
+    assert images[0].embedding.shape == texts[0].embedding.shape == (64,)
+
+
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = os.path.join(PROJECT_ROOT, "notebooks", "text_to_image_search.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    monkeypatch.setenv("CLIPSEEK_WORKSPACE", str(tmp_path / "ws"))  # inherited by the kernel
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                     if o.get("output_type") == "stream")
+    assert "{'indexed': 240}" in text
+    assert "indexed 240, unchanged 0, failed 0" in text
+    precision = float(text.split("precision@5 over 40 captions: mean")[1].split()[0])
+    assert precision >= 0.8
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2  # the similarity matrix and the grid of hits

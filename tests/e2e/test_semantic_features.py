@@ -1,0 +1,70 @@
+"""Query by example, arithmetic, feedback and zero-shot labels with the shipped model on the
+generated picture world, asserting on rankings."""
+
+import os
+
+import pytest
+
+from clipseek.demo import world
+from clipseek.client import ClipseekClient
+from flows.serving import flows_in_subprocess, free_port
+from flows.settings import DEMO_MODEL_DIR, Settings
+
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DEMO_MODEL_DIR, "config.json")),
+                                reason="the demo model is not in data/models")
+
+
+@pytest.fixture(scope="module")
+def world_served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("world")
+    records = world.write_world(str(folder), n=160, seed=31)
+    settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=DEMO_MODEL_DIR,
+                        device="cpu", workspace=str(tmp_path_factory.mktemp("ws")))
+    with flows_in_subprocess(settings):
+        client = ClipseekClient(settings.index_address, settings.search_address)
+        assert len(client.index([str(folder)]).indexed) == 160
+        yield client, folder, {r["file"]: r for r in records}
+
+
+def _colours(hits, by_file):
+    return [by_file[os.path.basename(h.uri)]["colour"] for h in hits]
+
+
+def test_query_by_example_finds_pictures_like_it(world_served):
+    client, folder, by_file = world_served
+    name, record = next((n, r) for n, r in sorted(by_file.items()) if r["colour"] == "blue")
+    hits = client.search(image=str(folder / name), limit=5)
+    assert os.path.basename(hits[0].uri) == name  # itself first
+    assert _colours(hits, by_file).count("blue") >= 4
+
+
+def test_arithmetic_moves_the_colour(world_served):
+    client, _, by_file = world_served
+    red = _colours(client.search("a large red shape", limit=5), by_file)
+    moved = _colours(client.search("a large red shape", minus=["red"], plus=["green"],
+                                   weights={"minus_weight": 1.0}, limit=5), by_file)
+    assert red.count("red") >= 4 and moved.count("green") >= 4, (red, moved)
+
+
+def test_feedback_round_pulls_towards_liked_pictures(world_served):
+    client, _, by_file = world_served
+    first = client.search("a small shape on a black background", limit=10)
+    liked = [h for h in first if by_file[os.path.basename(h.uri)]["colour"] == "yellow"][:1]
+    if not liked:  # no yellow among the first ten: like any yellow picture
+        liked = [next(h for h in client.search("a yellow shape", limit=5))]
+    unliked = [h.id for h in first if by_file[os.path.basename(h.uri)]["colour"] != "yellow"][:3]
+    second = client.search("a small shape on a black background", like=[liked[0].id], unlike=unliked,
+                           weights={"like_weight": 1.5}, limit=10)
+    assert not set(unliked) & {h.id for h in second}
+    assert _colours(second, by_file).count("yellow") > _colours(first, by_file).count("yellow")
+
+
+def test_zero_shot_labels_name_the_colour(world_served):
+    client, folder, by_file = world_served
+    labels = list(world.COLOURS)
+    right = 0
+    samples = sorted(by_file.items())[:24]
+    for name, record in samples:
+        result = client.classify(str(folder / name), [f"{c} shape" for c in labels], template="a {}")
+        right += result[0][0] == f"{record['colour']} shape"
+    assert right >= 0.8 * len(samples), f"{right}/{len(samples)}"

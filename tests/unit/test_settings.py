@@ -1,0 +1,70 @@
+"""Every `clipseek serve` flag reaches the flows: the settings are built from every field that has a flag."""
+
+import dataclasses
+
+import pytest
+
+from clipseek.cli import _settings, build_parser
+from flows.serving import build_flows
+from flows.settings import Settings
+from executors.params import as_flag, dtype_name
+
+# Flags of `serve` that are not settings of the flows themselves.
+NOT_SETTINGS = {"help", "bind", "web", "command", "verbose"}
+
+
+def _serve_actions():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices["serve"]._actions
+
+
+def test_every_serve_flag_is_a_settings_field():
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    dests = {a.dest for a in _serve_actions()} - NOT_SETTINGS
+    assert dests <= fields, dests - fields
+
+
+def test_serve_flags_reach_both_flows(tmp_path):
+    args = build_parser().parse_args(["serve", "--shards", "2", "--max-megapixels", "1", "--allow-private-urls",
+                                      "--model", "some-model", "--batch-size", "8", "--device", "cpu",
+                                      "--workspace", str(tmp_path), "--dtype", "bfloat16"])
+    s = _settings(args)
+    assert (s.shards, s.max_megapixels, s.allow_private_urls) == (2, 1.0, True)
+    assert (s.model, s.batch_size, s.device, s.workspace, s.dtype) == ("some-model", 8, "cpu", str(tmp_path), "bfloat16")
+    index_flow, search_flow = build_flows(s)
+    for flow in (index_flow, search_flow):
+        nodes = {d.name: d for d in flow._deployment_nodes.values()}
+        encoder = nodes["image_encoder"].args.uses_with
+        assert encoder["max_megapixels"] == 1.0 and encoder["allow_private_urls"] is True
+        assert encoder["pretrained_model_name_or_path"] == "some-model" and encoder["dtype"] == "bfloat16"
+        assert nodes["indexer"].args.shards == 2
+
+
+def test_a_flag_left_out_keeps_the_environment(monkeypatch):
+    monkeypatch.setenv("CLIPSEEK_SHARDS", "3")
+    monkeypatch.setenv("CLIPSEEK_ALLOW_PRIVATE_URLS", "on")
+    s = _settings(build_parser().parse_args(["serve"]))
+    assert s.shards == 3 and s.allow_private_urls is True
+
+
+@pytest.mark.parametrize("word,expected", [("1", True), ("on", True), ("Yes", True), ("true", True),
+                                           ("0", False), ("off", False), ("no", False), ("", False)])
+def test_one_reading_of_a_flag(word, expected):
+    assert as_flag(word) is expected
+
+
+def test_a_flag_that_is_neither_is_refused():
+    with pytest.raises(ValueError, match="CLIPSEEK_ALLOW_PRIVATE_URLS"):
+        as_flag("maybe", "CLIPSEEK_ALLOW_PRIVATE_URLS")
+
+
+def test_one_reading_of_a_dtype():
+    import numpy as np
+    import torch
+
+    assert dtype_name("fp16", ("float32", "float16")) == "float16"
+    assert dtype_name(np.float32, ("float32",)) == "float32"
+    assert dtype_name(torch.bfloat16, ("bfloat16",)) == "bfloat16"
+    with pytest.raises(ValueError, match="float32, float16"):
+        dtype_name("int4", ("float32", "float16"))
