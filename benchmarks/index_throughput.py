@@ -1,11 +1,17 @@
-"""Indexing throughput: the raw CLIP image model on ready-made tensors against the whole index
-flow (files -> gRPC -> CLIPImageEncoder -> SimpleIndexer -> memmap) and against the image
-encoder executor alone (its decode pool ahead of the model, no gRPC), with a per-stage time
-split and the ceiling that perfect overlap would give on this machine's CPUs.
+"""Indexing throughput by precision (float32, bfloat16, int8 side by side, one run), on real-size JPEGs:
 
-    python benchmarks/index_throughput.py                      # 320 photos, batch 32, 256 per request (a few minutes on 2 cores)
-    python benchmarks/index_throughput.py --modes draft        # the flow with draft decode only (the default)
-    CLIPSEEK_TORCH_THREADS=1 python benchmarks/index_throughput.py --modes draft --request-size 64
+- (a) the raw CLIP image model on ready-made tensors;
+- (r) the best raw loop: read -> draft decode -> preprocess -> model in one plain process (serial, and
+  with a decode thread pool ahead of the model), the same model, precision and preprocessing as the flow;
+- (c) the CLIPImageEncoder executor alone (its decode pool ahead of the model, no gRPC, no indexer);
+- (b) the index flow as `clipseek index` drives it (files -> client -> gRPC -> encoder -> indexer -> memmap);
+- (p) the float32 reference: transformers' CLIPImageProcessor + the float32 model, one image batch after another;
+
+with each precision's embeddings compared to float32's, and a per-stage split of where each second goes.
+
+    python benchmarks/index_throughput.py                                  # 320 photos, batch 32 (several minutes on 2 cores)
+    python benchmarks/index_throughput.py --precisions bfloat16 --images 160
+    CLIPSEEK_TORCH_THREADS=1 python benchmarks/index_throughput.py --precisions float32
 
 The model is ViT-B/32 shaped (transformers ``CLIPConfig()`` defaults) with random weights: the
 speed is that of the real model, the embeddings are not meaningful.
@@ -21,13 +27,14 @@ import time
 
 import numpy as np
 
-from common import make_photos, make_vit_b32, table  # noqa: E402  (sets sys.path and offline env)
+from common import make_photos, table  # noqa: E402  (sets sys.path and offline env)
+from clipseek.demo.modelkit import make_vit_b32  # noqa: E402
 from flows.settings import DEFAULT_REQUEST_SIZE  # noqa: E402
 
 
 def raw_model(clip, batch_size: int, images: int, warmup: int = 2) -> float:
     """images/s of get_image_features + L2 norm on random (B, 3, 224, 224) float32 tensors."""
-    from executors.clip_model import image_embeddings
+    from executors.models.loading import image_embeddings
 
     size = clip.processor_config.get("crop_size", {}).get("height", 224)
     x = np.random.default_rng(0).standard_normal((batch_size, 3, size, size)).astype(np.float32)
@@ -52,25 +59,84 @@ def in_fresh_process(*args: str, threads=None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def raw_model_fresh(model_dir: str, batch_size: int, images: int, threads=None) -> dict:
+def raw_model_fresh(model_dir: str, batch_size: int, images: int, threads=None, dtype: str = "float32") -> dict:
     """raw_model in a fresh process: {"rate": images/s, "threads": torch threads}."""
     return in_fresh_process("--raw-child", model_dir, "--batch-size", str(batch_size), "--images", str(images),
-                            threads=threads)
+                            "--dtype", dtype, threads=threads)
 
 
-def encoder_alone(model_dir: str, paths, warm, batch_size: int, request_size: int) -> float:
+def raw_loop(clip, paths, warm, batch_size: int, threaded: bool):
+    """images/s of a plain loop over the files: read, draft decode, preprocess (serially, or in a thread pool
+    of one thread per CPU running ahead of the model), then the model batch by batch; and the embeddings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from executors.clip_image_encoder import DRAFT_FACTOR
+    from executors.images.imaging import Preprocess, decode_image, preprocess, read_source
+    from executors.models.loading import image_embeddings
+    from executors.params import worker_threads
+
+    recipe = Preprocess.from_processor_config(clip.processor_config)
+
+    def prepare(path):
+        return preprocess(decode_image(read_source(path).data, path, draft_size=recipe.shortest_edge * DRAFT_FACTOR), recipe)
+
+    def run(files):
+        out = []
+        with ThreadPoolExecutor(worker_threads()) as pool:
+            pixels = pool.map(prepare, files) if threaded else map(prepare, files)
+            batch = []
+            for array in pixels:
+                batch.append(array)
+                if len(batch) == batch_size:
+                    out.append(image_embeddings(clip, np.stack(batch)))
+                    batch = []
+            if batch:
+                out.append(image_embeddings(clip, np.stack(batch)))
+        return np.concatenate(out)
+
+    run(warm)
+    t0 = time.perf_counter()
+    vectors = run(paths)
+    return len(paths) / (time.perf_counter() - t0), vectors
+
+
+def processor_loop(model_dir: str, paths, warm, batch_size: int):
+    """images/s of the float32 reference: PIL full decode, transformers' CLIPImageProcessor, float32 model."""
+    import torch
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    from executors.models.loading import features
+
+    processor = CLIPImageProcessor.from_pretrained(model_dir)
+    model = CLIPModel.from_pretrained(model_dir).eval()
+
+    def run(files):
+        for start in range(0, len(files), batch_size):
+            images = [Image.open(p).convert("RGB") for p in files[start : start + batch_size]]
+            inputs = processor(images=images, return_tensors="pt")
+            with torch.inference_mode():
+                features(model.get_image_features(**inputs))
+
+    run(warm)
+    t0 = time.perf_counter()
+    run(paths)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def encoder_alone(model_dir: str, paths, warm, batch_size: int, request_size: int, dtype: str = "float32") -> float:
     """images/s of the CLIPImageEncoder executor itself (decode pool ahead of the model, draft decode),
     called in this process on requests of ``request_size`` photos: no gRPC, no gateway, no indexer."""
     from docarray import DocList
 
     from executors.clip_image_encoder import CLIPImageEncoder
     from executors.docs import ImageInput
-    from executors.imaging import path_uri
+    from executors.images.imaging import path_uri
 
     def request(part):
         return DocList[ImageInput]([ImageInput(uri=path_uri(p), url=path_uri(p)) for p in part])
 
-    encoder = CLIPImageEncoder(pretrained_model_name_or_path=model_dir, device="cpu", batch_size=batch_size)
+    encoder = CLIPImageEncoder(pretrained_model_name_or_path=model_dir, device="cpu", batch_size=batch_size, dtype=dtype)
     try:
         encoder.encode(request(warm))
         t0 = time.perf_counter()
@@ -84,33 +150,46 @@ def encoder_alone(model_dir: str, paths, warm, batch_size: int, request_size: in
         encoder.close()
 
 
-def encoder_alone_fresh(model_dir: str, paths, warm, batch_size: int, request_size: int, threads=None) -> float:
-    """encoder_alone in a fresh process (the executor's own, as in a flow, without the flow)."""
+def child_with_photos(flag: str, model_dir: str, paths, warm, batch_size: int, request_size: int, dtype: str,
+                      threads=None) -> dict:
+    """``flag``'s measurement in a fresh process (as clean as an executor's own), given the photo list."""
     import json
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"paths": list(paths), "warm": list(warm)}, f)
     try:
-        return in_fresh_process("--encoder-child", model_dir, "--photo-list", f.name, "--batch-size", str(batch_size),
-                                "--request-size", str(request_size), threads=threads)["rate"]
+        return in_fresh_process(flag, model_dir, "--photo-list", f.name, "--batch-size", str(batch_size),
+                                "--request-size", str(request_size), "--dtype", dtype, threads=threads)
     finally:
         os.unlink(f.name)
 
 
-def overlap_ceiling(model_seconds: float, prepare_seconds: float, threads: int, cpus: int) -> float:
-    """The most (b)/(a) can be on ``cpus`` CPUs if decoding overlapped the model perfectly: the model
-    takes ``threads`` x ``model_seconds`` of CPU per image, reading + decoding + preprocessing
-    ``prepare_seconds`` of CPU; the flow can neither beat the raw model nor use more than every CPU."""
-    per_image_cpu = threads * model_seconds + prepare_seconds
-    return min(1.0, cpus * model_seconds / per_image_cpu)
+def served_flow(model_dir: str, paths, warm, batch_size: int, request_size: int, dtype: str) -> float:
+    """images/s of the index flow served in its own process, driven as `clipseek index` drives it."""
+    from clipseek.client import ClipseekClient
+    from flows.serving import flows_in_subprocess, free_port
+    from flows.settings import Settings
+
+    with tempfile.TemporaryDirectory() as workspace:
+        settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=model_dir,
+                            device="cpu", dtype=dtype, batch_size=batch_size, workspace=workspace)
+        with flows_in_subprocess(settings, log_file=os.path.join(workspace, "clipseek.log")):
+            client = ClipseekClient(settings.index_address, settings.search_address)
+            client.index(warm, batch_size=batch_size, force=True)  # first model call, first decode
+            t0 = time.perf_counter()
+            report = client.index(paths, batch_size=request_size, force=True)
+            elapsed = time.perf_counter() - t0
+            if len(report.indexed) != len(paths):
+                raise SystemExit(f"{dtype}: indexed {len(report.indexed)} of {len(paths)}: {report.failed[:3]}")
+    return len(paths) / elapsed
 
 
 def stage_split(clip, paths, batch_size: int, draft: bool, store_dir: str):
     """Seconds per image of each stage, run one after the other in this process (no overlap)."""
     from executors.clip_image_encoder import DRAFT_FACTOR
-    from executors.clip_model import image_embeddings
-    from executors.imaging import Preprocess, decode_image, preprocess, read_source
-    from executors.vector_store import Record, VectorStore
+    from executors.models.loading import image_embeddings
+    from executors.images.imaging import Preprocess, decode_image, preprocess, read_source
+    from executors.store.vector_store import Record, VectorStore
 
     recipe = Preprocess.from_processor_config(clip.processor_config)
     spent = dict(read=0.0, decode=0.0, preprocess=0.0, model=0.0, write=0.0)
@@ -145,8 +224,8 @@ def stage_split(clip, paths, batch_size: int, draft: bool, store_dir: str):
 
 def draft_cosines(clip, paths, factor: int):
     """Cosine between the embedding of a full decode and of a draft decode at ``factor`` x the resize target."""
-    from executors.clip_model import image_embeddings
-    from executors.imaging import Preprocess, decode_image, preprocess
+    from executors.models.loading import image_embeddings
+    from executors.images.imaging import Preprocess, decode_image, preprocess
 
     recipe = Preprocess.from_processor_config(clip.processor_config)
     full, draft, pixel_diff = [], [], []
@@ -168,8 +247,8 @@ def draft_cosines(clip, paths, factor: int):
 
 def photo_to_photo_cosine(clip, paths):
     """Mean cosine between the embeddings of different photos: the scale that a draft's cost compares to."""
-    from executors.clip_model import image_embeddings
-    from executors.imaging import Preprocess, decode_image, preprocess
+    from executors.models.loading import image_embeddings
+    from executors.images.imaging import Preprocess, decode_image, preprocess
 
     recipe = Preprocess.from_processor_config(clip.processor_config)
     e = image_embeddings(clip, np.stack([preprocess(decode_image(open(p, "rb").read()), recipe) for p in paths[:32]]))
@@ -183,50 +262,48 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     parser.add_argument("--request-size", type=int, default=DEFAULT_REQUEST_SIZE,
                         help=f"images per gRPC request (default {DEFAULT_REQUEST_SIZE}, as `clipseek index` sends)")
+    parser.add_argument("--precisions", default="float32,bfloat16,int8", help="precisions to compare (default all three)")
     parser.add_argument("--split-images", type=int, default=64, help="photos for the serial per-stage split and the draft cosine (default 64)")
-    parser.add_argument("--modes", default="full,draft", help="decode modes to run end to end: full, draft or both (default both)")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "clipseek-bench"),
                         help="photos and the model are cached here between runs")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for the raw model (default: torch's default, as in the executor)")
-    parser.add_argument("--raw-child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--encoder-child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--photo-list", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default, as in the executor)")
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    for child in ("--raw-child", "--encoder-child", "--loop-child", "--processor-child", "--photo-list"):
+        parser.add_argument(child, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.encoder_child:
-        import json
 
-        import torch
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        with open(args.photo_list) as f:
-            listed = json.load(f)
-        rate = encoder_alone(args.encoder_child, listed["paths"], listed["warm"], args.batch_size, args.request_size)
-        print(json.dumps({"rate": rate}))
-        return
-    if args.raw_child:
-        import json
-
-        import torch
-
-        from executors.clip_model import load_clip
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        rate = raw_model(load_clip(args.raw_child, "cpu", "float32"), args.batch_size, args.images)
-        print(json.dumps({"rate": rate, "threads": torch.get_num_threads()}))
-        return
+    import json
 
     import torch
 
-    from executors.clip_model import load_clip
-    from executors.params import usable_cpus
-    from flows.client import ClipseekClient
-    from flows.serving import flows_in_subprocess, free_port
-    from flows.settings import Settings
-
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.photo_list:
+        with open(args.photo_list) as f:
+            listed = json.load(f)
+    if args.encoder_child:
+        rate = encoder_alone(args.encoder_child, listed["paths"], listed["warm"], args.batch_size, args.request_size, args.dtype)
+        print(json.dumps({"rate": rate}))
+        return
+    if args.processor_child:
+        print(json.dumps({"rate": processor_loop(args.processor_child, listed["paths"], listed["warm"], args.batch_size)}))
+        return
+    if args.loop_child or args.raw_child:
+        from executors.models.loading import load_clip
+
+        clip = load_clip(args.loop_child or args.raw_child, "cpu", args.dtype)
+        if args.raw_child:
+            print(json.dumps({"rate": raw_model(clip, args.batch_size, args.images), "threads": torch.get_num_threads()}))
+            return
+        serial, vectors = raw_loop(clip, listed["paths"], listed["warm"], args.batch_size, threaded=False)
+        threaded, _ = raw_loop(clip, listed["paths"], listed["warm"], args.batch_size, threaded=True)
+        print(json.dumps({"serial": serial, "threaded": threaded, "vectors": vectors[:64].tolist()}))
+        return
+
+    from executors.models.loading import load_clip
+    from executors.models.precision import cpu_capabilities
+    from executors.params import usable_cpus
+
     t0 = time.perf_counter()
     photos = make_photos(os.path.join(args.work_dir, "photos"), args.images + args.batch_size, seed=0)
     warm, photos = photos[: args.batch_size], photos[args.batch_size :]
@@ -235,85 +312,59 @@ def main():
     for path in warm + photos:  # every path below then reads the files from the page cache, not the disk
         with open(path, "rb") as f:
             f.read()
+    caps = ", ".join(k for k, v in cpu_capabilities().items() if v) or "none of avx2 / vnni / avx512_bf16 / amx"
     print(f"{len(photos)} photos ({mb:.0f} MiB of JPEG, {mb / len(photos):.2f} MiB each on average), model ready "
-          f"in {time.perf_counter() - t0:.0f} s; {os.cpu_count()} CPUs, torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads, float32, batch {args.batch_size}")
+          f"in {time.perf_counter() - t0:.0f} s; {usable_cpus()} usable CPUs ({caps}), torch {torch.__version__} with "
+          f"{torch.get_num_threads()} threads, batch {args.batch_size}, {args.request_size} per request", flush=True)
 
-    first = raw_model_fresh(model_dir, args.batch_size, args.images, args.threads)
-    one = raw_model_fresh(model_dir, args.batch_size, args.images, 1) if first["threads"] != 1 else first
-    raw, threads = first["rate"], first["threads"]
-    print(f"(a) raw model: {raw:.2f} images/s with {threads} torch threads ({one['rate']:.2f} with 1)")
-    clip = load_clip(model_dir, "cpu", "float32")
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    reference = child_with_photos("--processor-child", model_dir, photos, warm, args.batch_size, args.request_size,
+                                  "float32", args.threads)["rate"]
+    print(f"(p) float32 reference, CLIPImageProcessor + float32 model: {reference:.2f} images/s", flush=True)
+    results, vectors = {}, {}
+    for dtype in precisions:
+        raw = raw_model_fresh(model_dir, args.batch_size, min(args.images, 192), args.threads, dtype)["rate"]
+        loop = child_with_photos("--loop-child", model_dir, photos, warm, args.batch_size, args.request_size, dtype, args.threads)
+        alone = child_with_photos("--encoder-child", model_dir, photos, warm, args.batch_size, args.request_size, dtype,
+                                  args.threads)["rate"]
+        flow = served_flow(model_dir, photos, warm, args.batch_size, args.request_size, dtype)
+        vectors[dtype] = np.asarray(loop["vectors"], dtype=np.float32)
+        results[dtype] = dict(raw=raw, serial=loop["serial"], threaded=loop["threaded"], alone=alone, flow=flow)
+        print(f"{dtype}: (a) {raw:.2f}, (r) serial {loop['serial']:.2f} / threaded {loop['threaded']:.2f}, "
+              f"(c) {alone:.2f}, (b) {flow:.2f} images/s", flush=True)
 
+    print()
+    print(f"Throughput by precision, images/s: {len(photos)} photos, batch {args.batch_size}, {args.request_size} per "
+          f"request, cpu, draft decode; (p) float32 CLIPImageProcessor + model loop = {reference:.2f}")
+    rows = []
+    for dtype in precisions:
+        r = results[dtype]
+        best = max(r["serial"], r["threaded"])
+        cos = "1" if dtype == "float32" or "float32" not in vectors else \
+            f"{float((vectors[dtype] * vectors['float32']).sum(axis=1).min()):.5f}"
+        rows.append([dtype, f"{r['raw']:.2f}", f"{r['serial']:.2f} / {r['threaded']:.2f}", f"{r['alone']:.2f}",
+                     f"{r['flow']:.2f}", f"{r['flow'] / best:.2f}", f"{r['flow'] / reference:.2f}", cos])
+    print(table(["precision", "(a) raw model", "(r) raw loop serial / threaded", "(c) encoder alone", "(b) index flow",
+                 "(b) / best (r)", "(b) / (p)", "min cosine to float32"], rows))
+
+    print()
     split_paths = photos[: args.split_images]
-    splits = {}
+    print(f"Where each second goes: ms per image, stages one after the other on {len(split_paths)} photos (draft decode)")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("full", "draft"):
-            splits[mode], _ = stage_split(clip, split_paths, args.batch_size, mode == "draft", os.path.join(tmp, mode))
+        for dtype in precisions:
+            clip = load_clip(model_dir, "cpu", dtype)
+            s, _ = stage_split(clip, split_paths, args.batch_size, True, os.path.join(tmp, dtype))
+            total = sum(s.values())
+            rows.append([dtype] + [f"{1000 * s[k]:.1f} ({100 * s[k] / total:.0f}%)" for k in ("read", "decode", "preprocess", "model", "write")]
+                        + [f"{1000 * total:.1f}"])
+            del clip
+    print(table(["precision", "read", "decode", "preprocess", "model", "write", "total"], rows))
+
+    print()
+    clip = load_clip(model_dir, "cpu", "float32")
     cosines = {f: draft_cosines(clip, split_paths, f) for f in (1, 2)}
     between = photo_to_photo_cosine(clip, split_paths)
-    del clip
-
-    alone = encoder_alone_fresh(model_dir, photos, warm, args.batch_size, args.request_size, args.threads)
-    print(f"(c) CLIPImageEncoder alone, in a process of its own (draft decode): {alone:.2f} images/s")
-    cpus = usable_cpus()
-
-    results = {}
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    with tempfile.TemporaryDirectory() as workspace:
-        settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=model_dir,
-                            device="cpu", dtype="float32", batch_size=args.batch_size, workspace=workspace)
-        with flows_in_subprocess(settings):
-            client = ClipseekClient(settings.index_address, settings.search_address)
-            for mode in modes:  # warm up each path once (first model call, first decode)
-                client.index(warm, batch_size=args.batch_size, force=True, parameters={"draft_decode": mode == "draft"})
-            for mode in modes:
-                t0 = time.perf_counter()
-                report = client.index(photos, batch_size=args.request_size, force=True,
-                                      parameters={"draft_decode": mode == "draft"})
-                elapsed = time.perf_counter() - t0
-                if len(report.indexed) != len(photos):
-                    raise SystemExit(f"{mode}: indexed {len(report.indexed)} of {len(photos)}: {report.failed[:3]}")
-                results[mode] = len(photos) / elapsed
-            status = client.status()
-            print(f"index holds {status.count} vectors, {status.bytes_on_disk / 2**20:.1f} MiB on disk")
-    raw_after = raw_model_fresh(model_dir, args.batch_size, args.images, args.threads)["rate"]  # the VM drifts: (a) on both sides
-    print(f"(a) raw model again, after the flow runs: {raw_after:.2f} images/s")
-    raw = max(raw, raw_after)
-    best = max(raw, one["rate"])
-
-    print()
-    print(f"Throughput, {len(photos)} photos, batch {args.batch_size}, {args.request_size} per request, float32, cpu; "
-          f"the executor runs torch's default of {threads} threads")
-    rows = [[f"(a) raw model on ready tensors, {threads} threads (the faster of before / after)", f"{raw:.2f}", "1.00", f"{raw / best:.2f}"],
-            ["(a') raw model on ready tensors, 1 thread", f"{one['rate']:.2f}", f"{one['rate'] / raw:.2f}", f"{one['rate'] / best:.2f}"]]
-    rows.append(["(c) CLIPImageEncoder alone (decode pool + model, no gRPC / indexer), draft decode", f"{alone:.2f}",
-                 f"{alone / raw:.2f}", f"{alone / best:.2f}"])
-    for mode in modes:
-        rows.append([f"(b) index flow over gRPC, {mode} decode", f"{results[mode]:.2f}", f"{results[mode] / raw:.2f}",
-                     f"{results[mode] / best:.2f}"])
-    print(table(["path", "images/s", "/ (a)", "/ best raw"], rows))
-    print()
-    print(f"The most (b)/(a) can reach on {cpus} CPUs with perfect overlap (model CPU = {threads} threads x 1/(a); "
-          f"read + decode + preprocess CPU from the split below):")
-    rows = []
-    for mode in ("full", "draft"):
-        prepare = sum(splits[mode][k] for k in ("read", "decode", "preprocess"))
-        rows.append([mode, f"{1000 * prepare:.1f}", f"{1000 * threads / raw:.1f}",
-                     f"{overlap_ceiling(1 / raw, prepare, threads, cpus):.2f}"])
-    print(table(["decode", "read + decode + preprocess, ms CPU per image", "model, ms CPU per image", "ceiling of (b)/(a)"], rows))
-
-    print()
-    print(f"Per-stage split, ms per image, stages run one after the other on {len(split_paths)} photos (no overlap)")
-    rows = []
-    for mode in ("full", "draft"):
-        s = splits[mode]
-        total = sum(s.values())
-        rows.append([mode] + [f"{1000 * s[k]:.1f} ({100 * s[k] / total:.0f}%)" for k in ("read", "decode", "preprocess", "model", "write")]
-                    + [f"{1000 * total:.1f}", f"{s['model'] / total:.2f}"])
-    print(table(["decode", "read", "decode", "preprocess", "model", "write", "total", "model share (ceiling of (b)/(a) on a full CPU)"], rows))
-
-    print()
     print(f"What draft decoding costs: embeddings of the same {len(split_paths)} photos, draft vs full decode "
           f"(for scale: two different photos score {between:.4f} on average with this random-weight model)")
     rows = [[f"draft, short side >= {f}x the resize target", f"{c[0]:.6f}", f"{1 - c[1]:.1e}", f"{c[2]:.4f}"] for f, c in cosines.items()]

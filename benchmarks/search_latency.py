@@ -5,6 +5,10 @@ IndexFlatIP on the same vectors, all in one run.
     python benchmarks/search_latency.py               # 10k, 100k, 1M (needs ~7 GiB RAM, a few minutes)
     python benchmarks/search_latency.py --skip-1m     # 10k and 100k only
     python benchmarks/search_latency.py --sizes 10000,250000 --queries 200
+    python benchmarks/search_latency.py --precisions float32,bfloat16,int8 --sizes 10000   # precisions side by side
+
+With ``--precisions`` the run first serves the flows once per precision at the smallest size and prints
+each one's served query, its text encoder alone, and the cosine of its query embeddings to float32's.
 
 The vectors are random unit vectors written straight into the search flow's VectorStore folder
 under the model name the text encoder reports, so the flow searches them as a real index.
@@ -19,7 +23,8 @@ import time
 
 import numpy as np
 
-from common import make_vit_b32, percentiles, table  # noqa: E402  (sets sys.path and offline env)
+from common import percentiles, table  # noqa: E402  (sets sys.path and offline env)
+from clipseek.demo.modelkit import make_vit_b32  # noqa: E402
 
 WORDS = ("red green blue yellow black white small big cat dog car tree house beach sunset sky sea mountain city "
          "street flower food bird person people light dark photo of a the with near").split()
@@ -47,14 +52,14 @@ def latencies(fn, items, warmup: int = 3):
     return percentiles(out)
 
 
-def text_child(model_dir: str, queries: int) -> None:
+def text_child(model_dir: str, queries: int, dtype: str = "float32") -> None:
     """In a fresh process (no other thread pool competing with torch's): the text encoder alone, as the
     search flow's CLIPTextEncoder runs it; prints its p50/p99 and the query embeddings as JSON."""
     import json
 
-    from executors.clip_model import load_clip, text_embeddings
+    from executors.models.loading import load_clip, text_embeddings
 
-    clip = load_clip(model_dir, "cpu", "float32", with_tokenizer=True)
+    clip = load_clip(model_dir, "cpu", dtype, with_tokenizer=True)
     texts = query_texts(queries)
     p50, p99 = latencies(lambda t: text_embeddings(clip, [t]), texts)
     vectors = [text_embeddings(clip, [t])[0].tolist() for t in texts]
@@ -63,12 +68,13 @@ def text_child(model_dir: str, queries: int) -> None:
     print(json.dumps({"p50": p50, "p99": p99, "vectors": vectors, "threads": torch.get_num_threads()}))
 
 
-def encode_texts(model_dir: str, queries: int):
+def encode_texts(model_dir: str, queries: int, dtype: str = "float32"):
     import json
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--text-child", model_dir, "--queries", str(queries)],
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--text-child", model_dir, "--queries", str(queries),
+                          "--dtype", dtype],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -79,18 +85,62 @@ def numpy_top_k(data: np.ndarray, q: np.ndarray, k: int = 10):
     return part[np.argsort(-scores[part])]
 
 
+def precision_table(model_dir: str, name: str, precisions, size: int, texts, reference, args) -> None:
+    """One served search flow per precision over the same ``size`` vectors: the query through the client,
+    the text encoder alone in that precision, and how close its query embeddings are to float32's."""
+    from clipseek.client import ClipseekClient
+    from executors.store.vector_store import Record, VectorStore
+    from flows.serving import flows_in_subprocess, free_port
+    from flows.settings import Settings
+
+    dim = len(next(iter(reference.values())))
+    data = unit_rows(np.random.default_rng(0), size, dim)
+    f32_text = encode_texts(model_dir, args.queries, "float32")["p50"]
+    rows = []
+    for dtype in precisions:
+        encoded = encode_texts(model_dir, args.queries, dtype)
+        vectors = np.asarray(encoded["vectors"], dtype=np.float32)
+        cosines = (vectors * np.stack([reference[t] for t in texts])).sum(axis=1)
+        with tempfile.TemporaryDirectory() as workspace:
+            settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=model_dir,
+                                device="cpu", dtype=dtype, workspace=workspace)
+            with flows_in_subprocess(settings):
+                client = ClipseekClient(settings.index_address, settings.search_address)
+                writer = VectorStore(client.status().path)
+                try:
+                    writer.upsert(data, [Record(id=f"v{i}", uri=f"/synthetic/{i}.jpg") for i in range(size)], model=name)
+                finally:
+                    writer.close()
+                flow = latencies(lambda t: client.search(t, limit=args.limit), texts)
+        rows.append([dtype, f"{flow[0]:.2f} / {flow[1]:.2f}", f"{encoded['p50']:.2f} / {encoded['p99']:.2f}",
+                     f"{flow[0] / encoded['p50']:.2f}", f"{flow[0] / f32_text:.2f}", f"{f32_text / encoded['p50']:.2f}",
+                     f"{cosines.min():.5f}"])
+        print(table(HEADERS, rows[-1:]), flush=True)
+    print()
+    print(f"One text query by precision, {size:,} vectors, top-{args.limit}, p50 / p99 ms ({args.queries} queries; "
+          f"float32 text encoder alone p50 {f32_text:.2f} ms)")
+    print(table(HEADERS, rows))
+    print()
+
+
+HEADERS = ["precision", "served query (client, gRPC, flow)", "text encoder alone", "served / its encoder",
+           "served / float32 encoder", "float32 encoder / this encoder", "min cosine to float32"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000,1000000", help="index sizes (default 10k, 100k, 1M)")
     parser.add_argument("--skip-1m", action="store_true", help="leave out sizes of a million and more")
     parser.add_argument("--queries", type=int, default=100, help="timed queries per method and size (default 100)")
     parser.add_argument("--limit", type=int, default=10, help="top-k (default 10)")
+    parser.add_argument("--precisions", default="", help="e.g. float32,bfloat16,int8: serve each at the smallest size first")
+    parser.add_argument("--dtype", default="float32", help="precision of the size sweep's flow (default float32)")
     parser.add_argument("--text-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "clipseek-bench"),
                         help="the model is cached here between runs")
     args = parser.parse_args()
     if args.text_child:
-        text_child(args.text_child, args.queries)
+        text_child(args.text_child, args.queries, args.dtype)
         return
     sizes = sorted(int(s) for s in args.sizes.split(","))
     if args.skip_1m:
@@ -98,9 +148,9 @@ def main():
 
     import faiss
 
-    from executors.clip_model import model_id
-    from executors.vector_store import Record, VectorStore
-    from flows.client import ClipseekClient
+    from executors.models.loading import model_id
+    from executors.store.vector_store import Record, VectorStore
+    from clipseek.client import ClipseekClient
     from flows.serving import flows_in_subprocess, free_port
     from flows.settings import Settings
 
@@ -114,11 +164,15 @@ def main():
           f"({faiss.omp_get_max_threads()} threads), numpy {np.__version__}; {dim}-d float32, top-{args.limit}, "
           f"{args.queries} queries per cell")
 
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if precisions:
+        precision_table(model_dir, name, precisions, sizes[0], texts, qvec, args)
+
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as workspace:
         settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=model_dir,
-                            device="cpu", dtype="float32", workspace=workspace)
+                            device="cpu", dtype=args.dtype, workspace=workspace)
         with flows_in_subprocess(settings):
             client = ClipseekClient(settings.index_address, settings.search_address)
             store_dir = client.status().path  # the folder both flows' indexers use

@@ -1,0 +1,118 @@
+"""Every precision keeps search quality: ViT-B/32-shaped embeddings stay within a cosine of transformers'
+own float32 features, and the shipped model retrieves held-out pictures as well as in float32."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from executors.models import precision
+from executors.models.loading import image_embeddings, load_clip, text_embeddings
+from flows.settings import DEMO_MODEL_DIR
+
+# The least cosine to transformers' float32 features that each precision must keep.
+MIN_COSINE = {"float32": 0.99999, "bfloat16": 0.999, "int8": 0.995}
+TEXTS = ["a photo of a red circle", "two small blue squares on a black background", "a cat", "three yellow stars",
+         "a large green heart", "an image of a small purple triangle at the top left", "sunset", "a dog on the beach"]
+
+
+@pytest.fixture(scope="module")
+def vit_b32(tmp_path_factory):
+    """CLIPConfig() defaults (the real ViT-B/32's shapes) with random weights, saved like a hub model."""
+    from clipseek.demo.modelkit import make_vit_b32
+
+    return make_vit_b32(str(tmp_path_factory.mktemp("models") / "vit-b32"))
+
+
+@pytest.fixture(scope="module")
+def reference(vit_b32):
+    """transformers' own float32 features of the test pixels and texts."""
+    from transformers import CLIPModel
+
+    from executors.models.loading import features
+
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((6, 3, 224, 224)).astype(np.float32)
+    model = CLIPModel.from_pretrained(vit_b32).eval()
+    clip = load_clip(vit_b32, "cpu", "float32", with_tokenizer=True)
+    tokens = clip.tokenizer(TEXTS, padding="longest", truncation=True, max_length=77, return_tensors="pt")
+    with torch.inference_mode():
+        image = features(model.get_image_features(pixel_values=torch.from_numpy(pixels))).numpy()
+        text = features(model.get_text_features(**tokens)).numpy()
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    return pixels, unit(image), unit(text)
+
+
+@pytest.mark.parametrize("name", ["float32", "bfloat16", "int8"])
+def test_vit_b32_embeddings_stay_close_to_float32(vit_b32, reference, name):
+    pixels, image_ref, text_ref = reference
+    clip = load_clip(vit_b32, "cpu", name, with_tokenizer=True)
+    assert clip.precision == name
+    image = image_embeddings(clip, pixels)
+    text = text_embeddings(clip, TEXTS)
+    for got, want in ((image, image_ref), (text, text_ref)):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        cosines = (got * want).sum(axis=1)
+        print(name, "min cosine", cosines.min())
+        assert cosines.min() >= MIN_COSINE[name], cosines
+
+
+def test_int8_quantizes_the_linear_layers(vit_b32):
+    clip = load_clip(vit_b32, "cpu", "int8")
+    kinds = {type(m).__module__ for m in clip.model.modules()}
+    assert any("quantized" in k for k in kinds), kinds
+    assert not any(type(m) is torch.nn.Linear for m in clip.model.modules())
+
+
+def test_auto_picks_by_what_the_machine_runs_well(monkeypatch):
+    no_bf16 = {"avx512_bf16": False, "amx": False, "vnni": True, "avx2": True}
+    assert precision.choose("auto", "cuda").name == "float16"
+    assert precision.choose(None, "cuda:1").name == "float16"
+    monkeypatch.setattr(precision, "cpu_capabilities", lambda: {**no_bf16, "avx512_bf16": True})
+    chosen = precision.choose("auto", "cpu")
+    assert chosen.name == "bfloat16" and "native bfloat16" in chosen.reason
+    monkeypatch.setattr(precision, "cpu_capabilities", lambda: no_bf16)
+    monkeypatch.setattr(precision, "int8_speedup", lambda: 2.5)
+    chosen = precision.choose("auto", "cpu")
+    assert chosen.name == "int8" and "2.5x" in chosen.reason
+    monkeypatch.setattr(precision, "int8_speedup", lambda: 1.0)
+    assert precision.choose("auto", "cpu").name == "float32"
+
+
+def test_auto_on_this_cpu_names_its_reason():
+    caps = precision.cpu_capabilities()
+    chosen = precision.choose("auto", "cpu")
+    if caps["avx512_bf16"] or caps["amx"]:
+        assert chosen.name == "bfloat16"
+    else:
+        assert chosen.name in ("int8", "float32")
+    assert chosen.reason.startswith("auto on cpu")
+
+
+def test_the_probe_measures_int8_against_float32():
+    gain = precision.int8_speedup()
+    assert gain > 0 and np.isfinite(gain)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(DEMO_MODEL_DIR, "config.json")), reason="no demo model")
+def test_shipped_model_recall_is_the_same_in_every_precision():
+    """Held-out pictures of the generated world: recall@5 within 0.01 of float32 in bfloat16 and int8."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from clipseek.demo import train
+    from executors.images.imaging import Preprocess
+    from executors.models.loading import image_processor_config
+
+    tokenizer = CLIPTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    recipe = Preprocess.from_processor_config(image_processor_config(DEMO_MODEL_DIR))
+    pixels, codes = train.render_pool(4321, 600, recipe)
+    recall = {}
+    for name in ("float32", "bfloat16", "int8"):
+        chosen = precision.choose(name, "cpu")
+        model = precision.apply(CLIPModel.from_pretrained(DEMO_MODEL_DIR).eval(), chosen)
+        recall[name] = train.evaluate(model, tokenizer, pixels, codes, input_dtype=chosen.input_dtype)["recall@5"]
+    print(recall)
+    assert abs(recall["bfloat16"] - recall["float32"]) <= 0.01, recall
+    assert abs(recall["int8"] - recall["float32"]) <= 0.01, recall
