@@ -100,10 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", help="folder for the demo's pictures and index (default workspace/demo)")
 
     p = sub.add_parser("train-demo-model", help="train the small demo CLIP on the generated picture world (CPU)")
-    p.add_argument("--out", default=None, help="output folder (default data/models/clipseek-demo)")
-    p.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget (default 12)")
-    p.add_argument("--steps", type=int, help="train exactly this many steps instead")
-    p.add_argument("--pool", type=int, default=24000, help="training pictures rendered up front")
+    from clipseek.demo.train import add_arguments as add_training_arguments
+
+    add_training_arguments(p)
 
     p = sub.add_parser("snapshot", help="write the index to one portable file, or restore it from one")
     p.add_argument("action", choices=["create", "restore"])
@@ -374,10 +373,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train_demo_model(args) -> int:
-    from flows.settings import DEMO_MODEL_DIR
-    from clipseek.demo.train import train
+    from clipseek.demo.train import run
 
-    train(args.out or DEMO_MODEL_DIR, minutes=args.minutes, max_steps=args.steps, pool_size=args.pool)
+    run(args)
     return 0
 
 

@@ -129,12 +129,53 @@ def evaluate(model, tokenizer, pixels, codes, attributes=world.ATTRIBUTES, ks=(1
         ctxt = torch.nn.functional.normalize(features(out).float(), dim=-1)
         best = (ctxt @ img.T).argmax(dim=1)
         result["colour+shape top-1"] = float(np.mean([tuple(codes[b][:2]) == k for b, k in zip(best.tolist(), comp_keys)]))
+        # "three yellow stars": the best picture must have that count, colour and shape
+        count_idx = ATTRS.index("count")
+        ccs_keys = sorted({(c[count_idx], c[0], c[1]) for c in codes})
+        ccs_queries = []
+        for n, c, s in ccs_keys:
+            count = VALUES["count"][n]
+            noun = VALUES["shape"][s] if count == 1 else world.PLURAL[VALUES["shape"][s]]
+            ccs_queries.append(f"{'a' if count == 1 else world.COUNTS[count]} {VALUES['colour'][c]} {noun}")
+        tok = tokenizer(ccs_queries, padding=True, return_tensors="pt")
+        ctxt = torch.nn.functional.normalize(features(model.get_text_features(**tok)).float(), dim=-1)
+        best = (ctxt @ img.T).argmax(dim=1)
+        result["count+colour+shape top-1"] = float(np.mean(
+            [(codes[b][count_idx], codes[b][0], codes[b][1]) == k for b, k in zip(best.tolist(), ccs_keys)]))
     return result
 
 
+def hard_negative_batch(codes: np.ndarray, by_key: Dict[tuple, np.ndarray], batch_size: int,
+                        rng: np.random.Generator, share: float = 0.5) -> np.ndarray:
+    """Pool indices for one batch: random pictures, and for ``share`` of them a picture that differs in exactly
+    one attribute (shape most often, else count, colour or size), so the loss must tell those apart."""
+    anchors = rng.choice(len(codes), int(batch_size * (1 - share / 2)), replace=False)
+    picked = list(anchors)
+    seen = set(picked)
+    changes = [ATTRS.index("shape")] * 3 + [ATTRS.index("count"), ATTRS.index("colour"), ATTRS.index("size")]
+    for anchor in anchors:
+        if len(picked) >= batch_size:
+            break
+        attr = changes[rng.integers(len(changes))]
+        key = list(codes[anchor][:5])
+        key[attr] = (key[attr] + 1 + rng.integers(len(VALUES[ATTRS[attr]]) - 1)) % len(VALUES[ATTRS[attr]])
+        candidates = by_key.get(tuple(int(k) for k in key))
+        if candidates is not None:
+            choice = int(candidates[rng.integers(len(candidates))])
+            if choice not in seen:
+                seen.add(choice)
+                picked.append(choice)
+    while len(picked) < batch_size:  # topped up at random where a variant was missing
+        choice = int(rng.integers(len(codes)))
+        if choice not in seen:
+            seen.add(choice)
+            picked.append(choice)
+    return np.array(picked)
+
+
 def train(out_dir: str, minutes: float = 12.0, seed: int = 0, pool_size: int = 24000, batch_size: int = 256,
-          lr: float = 1e-3, max_steps: Optional[int] = None, eval_size: int = 600, threads: int = 2,
-          log=print) -> Dict[str, float]:
+          lr: float = 1e-3, max_steps: Optional[int] = None, eval_size: int = 1000, threads: int = 2,
+          hard_negatives: float = 0.5, model_shape: Optional[Dict[str, int]] = None, log=print) -> Dict[str, float]:
     import torch
     from transformers import CLIPModel, CLIPTokenizer
 
@@ -143,7 +184,8 @@ def train(out_dir: str, minutes: float = 12.0, seed: int = 0, pool_size: int = 2
     torch.set_num_threads(threads)
     started = time.time()
     tmp = out_dir.rstrip("/") + ".init"
-    make_tiny_clip(tmp, words=world.all_words() + ["shape", "shapes"], seed=seed, **MODEL_SHAPE)
+    shape = {**MODEL_SHAPE, **(model_shape or {})}
+    make_tiny_clip(tmp, words=world.all_words() + ["shape", "shapes"], seed=seed, **shape)
     tokenizer = CLIPTokenizer.from_pretrained(tmp)
     model = CLIPModel.from_pretrained(tmp)
     recipe = Preprocess.from_processor_config(image_processor_config(tmp))
@@ -160,6 +202,11 @@ def train(out_dir: str, minutes: float = 12.0, seed: int = 0, pool_size: int = 2
     budget = minutes * 60 - (time.time() - started) - 30
     step, t_train, total_steps = 0, time.time(), max_steps or 10**9
     codes_t = torch.from_numpy(codes)
+    by_key: Dict[tuple, list] = {}
+    for i, c in enumerate(codes):
+        by_key.setdefault(tuple(int(v) for v in c[:5]), []).append(i)
+    by_key_arrays = {k: np.array(v) for k, v in by_key.items()}
+    batch_rng = np.random.default_rng(seed)
     while step < total_steps:
         elapsed = time.time() - t_train
         if max_steps is None and step == 20:
@@ -171,7 +218,10 @@ def train(out_dir: str, minutes: float = 12.0, seed: int = 0, pool_size: int = 2
         progress = step / max(1, total_steps)
         for g in opt.param_groups:
             g["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        idx = torch.from_numpy(np.random.default_rng(seed + step).choice(len(pixels), batch_size, replace=False))
+        if hard_negatives > 0:
+            idx = torch.from_numpy(hard_negative_batch(codes, by_key_arrays, batch_size, batch_rng, hard_negatives))
+        else:
+            idx = torch.from_numpy(batch_rng.choice(len(pixels), batch_size, replace=False))
         batch_px = torch.from_numpy(pixels[idx.numpy()].astype(np.float32))
         caps, masks = zip(*(caption_for(codes[i], rng) for i in idx.tolist()))
         tok = tokenizer(list(caps), padding=True, return_tensors="pt")
@@ -194,10 +244,10 @@ def train(out_dir: str, minutes: float = 12.0, seed: int = 0, pool_size: int = 2
     model.eval()
     metrics = evaluate(model, tokenizer, eval_pixels, eval_codes)
     metrics.update(steps=step, seconds=round(time.time() - started, 1), images_seen=step * batch_size)
-    save_clip_folder(out_dir, model, tokenizer, MODEL_SHAPE["image_size"])
+    save_clip_folder(out_dir, model, tokenizer, shape["image_size"])
     with open(os.path.join(out_dir, "training.json"), "w") as f:
-        json.dump({"metrics": metrics, "model_shape": MODEL_SHAPE, "pool_size": pool_size, "batch_size": batch_size,
-                   "seed": seed, "lr": lr}, f, indent=2)
+        json.dump({"metrics": metrics, "model_shape": shape, "pool_size": pool_size, "batch_size": batch_size,
+                   "seed": seed, "lr": lr, "hard_negatives": hard_negatives, "eval_size": eval_size}, f, indent=2)
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
@@ -205,17 +255,34 @@ def train(out_dir: str, minutes: float = 12.0, seed: int = 0, pool_size: int = 2
     return metrics
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m clipseek.demo.train", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.path.join("data", "models", "clipseek-demo"))
-    p.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget, rendering included")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The trainer's options: the same for ``python -m clipseek.demo.train`` and ``clipseek train-demo-model``."""
+    p.add_argument("--out", default=None, help="output folder (default data/models/clipseek-demo)")
+    p.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget, rendering included (default 12)")
     p.add_argument("--steps", type=int, help="train exactly this many steps instead")
-    p.add_argument("--pool", type=int, default=24000, help="training pictures rendered up front")
+    p.add_argument("--pool", type=int, default=24000, help="training pictures rendered up front (default 24000)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    train(args.out, minutes=args.minutes, seed=args.seed, pool_size=args.pool, batch_size=args.batch_size,
-          max_steps=args.steps)
+    p.add_argument("--hard-negatives", type=float, default=0.5,
+                   help="share of each batch that comes in pairs differing in one attribute (default 0.5)")
+    p.add_argument("--eval-size", type=int, default=1000, help="held-out pictures to evaluate on (default 1000)")
+    for name in MODEL_SHAPE:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"model {name} (default {MODEL_SHAPE[name]})")
+
+
+def run(args) -> Dict[str, float]:
+    from flows.settings import DEMO_MODEL_DIR
+
+    shape = {name: getattr(args, name) for name in MODEL_SHAPE if getattr(args, name) is not None}
+    return train(args.out or DEMO_MODEL_DIR, minutes=args.minutes, seed=args.seed, pool_size=args.pool,
+                 batch_size=args.batch_size, max_steps=args.steps, hard_negatives=args.hard_negatives,
+                 eval_size=args.eval_size, model_shape=shape)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m clipseek.demo.train", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
