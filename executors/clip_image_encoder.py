@@ -154,12 +154,14 @@ class CLIPImageEncoder(Executor):
 
     @requests(on="/classify")
     def classify(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None, **kwargs) -> DocList[TextQuery]:
-        """Zero-shot labels: the query image against its label parts (embedded by the text encoder),
-        as probabilities (softmax over the model's logit scale), best first in ``matches``."""
+        """Zero-shot labels: the query image against its label parts (embedded by the text encoder), as
+        the model's own probabilities, best first in ``matches``: for CLIP a softmax over the model's logit
+        scale (they sum to 1), for SigLIP an independent sigmoid(logit scale x cosine + logit bias) per
+        label (each says how well that one label fits; they need not sum to 1)."""
         options = request_options(self.defaults, parameters)
         targets = [d for d in docs if not d.error and d.embedding is None and has_image(d)]
         self._embed(targets, {**options, "keep_pixels": False})
-        scale = self._load(options).logit_scale
+        clip = self._load(options)
         for doc in docs:
             labels = [p for p in doc.parts if p.embedding is not None]
             if doc.error:
@@ -169,9 +171,8 @@ class CLIPImageEncoder(Executor):
             elif not labels:
                 doc.error = "classify needs at least one label"
             else:
-                logits = scale * (np.stack([np.asarray(p.embedding) for p in labels]) @ np.asarray(doc.embedding))
-                probs = np.exp(logits - logits.max())
-                probs /= probs.sum()
+                cosines = np.stack([np.asarray(p.embedding) for p in labels]) @ np.asarray(doc.embedding)
+                probs = clip.label_probabilities(cosines)
                 order = np.argsort(-probs, kind="stable")
                 doc.matches = DocList[Hit]([Hit(id=labels[i].text, score=float(probs[i]), tags={"label": labels[i].text})
                                             for i in order])

@@ -17,8 +17,9 @@ MAX_QUERY_CHARS = 10_000
 
 
 class CLIPTextEncoder(Executor):
-    """Embeds texts with a transformers ``CLIPModel``: at most ``max_length`` tokens
-    (77 for CLIP), truncated, padded to the longest text of the batch.
+    """Embeds texts with the text tower of a CLIP or SigLIP model: at most ``max_length`` tokens
+    (77 for CLIP, the text tower's length if shorter: 64 for SigLIP), truncated, padded as the model
+    was trained: to the longest text of the batch (CLIP), to the text tower's full length (SigLIP).
 
     The query's weighted ``parts`` with a text are embedded too. A document without text (an
     image query, or an empty one) and one that already carries an embedding are left as they are.

@@ -3,8 +3,8 @@
 One way for pixels to travel: ``read_source`` turns a path, file URI, http(s) URL,
 data URI or raw bytes into bytes; ``decode_image`` turns bytes into an upright RGB
 PIL image; ``preprocess`` turns an RGB image into a normalized CHW float32 array that
-matches transformers' ``CLIPImageProcessor``. Each step raises ``ImageError`` with a
-message that names the input and the cause.
+matches transformers' ``CLIPImageProcessor`` or ``SiglipImageProcessor``. Each step raises
+``ImageError`` with a message that names the input and the cause.
 """
 
 from __future__ import annotations
@@ -54,7 +54,17 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class Preprocess:
-    """The resize / crop / normalize recipe of a CLIP image processor."""
+    """The resize / crop / normalize recipe of an image processor, in one of two resize modes.
+
+    - shortest edge (CLIP): resize so the short side is ``shortest_edge``, keeping the aspect ratio,
+      then center-crop ``crop_height`` x ``crop_width``.
+    - exact (SigLIP; ``resize_height`` and ``resize_width`` set): resize to exactly that height x width,
+      aspect ratio not kept, then center-crop ``crop_height`` x ``crop_width`` (the same size when the
+      processor does no crop, so the crop changes nothing). ``shortest_edge`` is then the larger of the
+      two, which callers use as the draft-decoding target (``decode_image(draft_size=...)``).
+
+    The output is always ``crop_height`` x ``crop_width``, so images of any shape batch together.
+    """
 
     shortest_edge: int = 224
     crop_height: int = 224
@@ -63,26 +73,51 @@ class Preprocess:
     std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711)
     resample: int = 3
     rescale_factor: float = 1 / 255
+    resize_height: Optional[int] = None
+    resize_width: Optional[int] = None
+
+    @property
+    def exact_resize(self) -> bool:
+        return self.resize_height is not None and self.resize_width is not None
 
     @classmethod
     def from_processor_config(cls, cfg: dict) -> "Preprocess":
-        """Build from a ``preprocessor_config.json`` dict (transformers' CLIPImageProcessor)."""
+        """Build from an image processor's settings (``preprocessor_config.json``, or ``to_dict()``).
+
+        A ``size`` with ``shortest_edge`` (or a plain number) resizes the short side and crops
+        ``crop_size``, as CLIPImageProcessor does. A ``size`` with ``height`` and ``width`` and no
+        ``shortest_edge`` resizes to exactly that, as SiglipImageProcessor does, and crops ``crop_size``
+        only when ``do_center_crop`` is true."""
         size = cfg.get("size", 224)
+        mean = tuple(cfg.get("image_mean", cls.mean))
+        std = tuple(cfg.get("image_std", cls.std))
+        resample = int(cfg.get("resample", 3))
+        rescale_factor = float(cfg.get("rescale_factor", 1 / 255))
+        if isinstance(size, dict) and "shortest_edge" not in size and "height" in size and "width" in size:
+            rh, rw = int(size["height"]), int(size["width"])
+            ch, cw = _crop_size(cfg.get("crop_size"), rh, rw) if cfg.get("do_center_crop") else (rh, rw)
+            return cls(shortest_edge=max(rh, rw), crop_height=ch, crop_width=cw, mean=mean, std=std,
+                       resample=resample, rescale_factor=rescale_factor, resize_height=rh, resize_width=rw)
         shortest = size.get("shortest_edge", size.get("height", 224)) if isinstance(size, dict) else int(size)
-        crop = cfg.get("crop_size", shortest)
-        if isinstance(crop, dict):
-            ch, cw = int(crop.get("height", shortest)), int(crop.get("width", shortest))
-        else:
-            ch = cw = int(crop)
+        ch, cw = _crop_size(cfg.get("crop_size", shortest), int(shortest), int(shortest))
         return cls(
             shortest_edge=int(shortest),
             crop_height=ch,
             crop_width=cw,
-            mean=tuple(cfg.get("image_mean", cls.mean)),
-            std=tuple(cfg.get("image_std", cls.std)),
-            resample=int(cfg.get("resample", 3)),
-            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+            mean=mean,
+            std=std,
+            resample=resample,
+            rescale_factor=rescale_factor,
         )
+
+
+def _crop_size(crop, height: int, width: int):
+    """(height, width) of a processor's ``crop_size``: a dict, a number, or None for (height, width)."""
+    if crop is None:
+        return height, width
+    if isinstance(crop, dict):
+        return int(crop.get("height", height)), int(crop.get("width", width))
+    return int(crop), int(crop)
 
 
 @dataclass
@@ -289,12 +324,16 @@ def array_to_image(arr: np.ndarray, name: str = "tensor") -> Image.Image:
 
 
 def preprocess(img: Image.Image, recipe: Preprocess) -> np.ndarray:
-    """RGB image -> normalized CHW float32, as CLIPImageProcessor computes it."""
+    """RGB image -> normalized CHW float32, as the model's image processor (CLIPImageProcessor,
+    SiglipImageProcessor) computes it."""
     w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short = recipe.shortest_edge
-    new_long = int(new_short * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if recipe.exact_resize:
+        new_w, new_h = recipe.resize_width, recipe.resize_height
+    else:
+        short, long = (w, h) if w <= h else (h, w)
+        new_short = recipe.shortest_edge
+        new_long = int(new_short * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), resample=_RESAMPLE.get(recipe.resample, Image.Resampling.BICUBIC))
     # Crop the uint8 pixels first (the zero padding is the same in uint8 and float), then convert

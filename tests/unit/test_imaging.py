@@ -76,6 +76,61 @@ def test_preprocess_matches_clip_image_processor(processors, config):
         assert diff < 1e-4, f"{config} {size}: max abs difference {diff}"
 
 
+SIGLIP_CONFIGS = {
+    "default-224": {},
+    "square-32": {"size": {"height": 32, "width": 32}},
+    "wide-24x40": {"size": {"height": 24, "width": 40}},
+}
+
+
+@pytest.fixture(scope="module")
+def siglip_processors():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers import SiglipImageProcessor  # without torchvision: SiglipImageProcessorPil
+
+        return {name: SiglipImageProcessor(**kw) for name, kw in SIGLIP_CONFIGS.items()}
+
+
+@pytest.mark.parametrize("config", list(SIGLIP_CONFIGS))
+def test_preprocess_matches_siglip_image_processor(siglip_processors, config):
+    """SigLIP resizes to exactly height x width (aspect ratio not kept, no crop), mean and std 0.5."""
+    proc = siglip_processors[config]
+    recipe = Preprocess.from_processor_config(proc.to_dict())
+    size = proc.to_dict()["size"]
+    assert recipe.exact_resize and (recipe.resize_height, recipe.resize_width) == (size["height"], size["width"])
+    assert recipe.shortest_edge == max(size["height"], size["width"])  # the draft-decoding target
+    for i, image_size in enumerate(IMAGE_SIZES):
+        img = noise(*image_size, seed=i)
+        want = proc(images=img, return_tensors="np")["pixel_values"][0]
+        got = preprocess(img, recipe)
+        assert got.dtype == np.float32 and got.flags["C_CONTIGUOUS"]
+        assert got.shape == want.shape == (3, size["height"], size["width"])
+        diff = float(np.abs(got - want).max())
+        assert diff < 1e-4, f"{config} {image_size}: max abs difference {diff}"
+
+
+def test_exact_resize_crops_only_when_the_processor_does():
+    r = Preprocess.from_processor_config({"size": {"height": 40, "width": 60}, "do_center_crop": True,
+                                          "crop_size": {"height": 32, "width": 48}})
+    assert (r.resize_height, r.resize_width, r.crop_height, r.crop_width) == (40, 60, 32, 48)
+    assert preprocess(noise(100, 30), r).shape == (3, 32, 48)
+    r = Preprocess.from_processor_config({"size": {"height": 40, "width": 60}, "do_center_crop": False,
+                                          "crop_size": {"height": 32, "width": 48}})
+    assert (r.crop_height, r.crop_width) == (40, 60)
+    assert preprocess(noise(100, 30), r).shape == (3, 40, 60)
+    clip = Preprocess.from_processor_config({"size": {"shortest_edge": 40}, "crop_size": {"height": 40, "width": 40}})
+    assert not clip.exact_resize
+
+
+def test_decode_draft_for_an_exact_resize_recipe_covers_both_sides():
+    recipe = Preprocess.from_processor_config({"size": {"height": 24, "width": 100}})
+    img = decode_image(encode(noise(1600, 400), "JPEG"), draft_size=recipe.shortest_edge * 2)
+    assert img.size[0] < 1600 and min(img.size) >= 200  # reduced, still at least twice the target on both sides
+    assert img.original_size == (1600, 400)
+    assert preprocess(img, recipe).shape == (3, 24, 100)
+
+
 def test_from_processor_config_variants():
     r = Preprocess.from_processor_config({"size": 64, "crop_size": 48, "image_mean": [0.5] * 3,
                                           "image_std": [0.25] * 3, "resample": 2, "rescale_factor": 0.5})
