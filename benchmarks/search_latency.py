@@ -134,7 +134,7 @@ def main():
     parser.add_argument("--queries", type=int, default=100, help="timed queries per method and size (default 100)")
     parser.add_argument("--limit", type=int, default=10, help="top-k (default 10)")
     parser.add_argument("--precisions", default="", help="e.g. float32,bfloat16,int8: serve each at the smallest size first")
-    parser.add_argument("--dtype", default="float32", help="precision of the size sweep's flow (default float32)")
+    parser.add_argument("--dtype", default="auto", help="precision of the size sweep's flow and its text encoder (default auto)")
     parser.add_argument("--text-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "clipseek-bench"),
                         help="the model is cached here between runs")
@@ -157,7 +157,7 @@ def main():
     model_dir = make_vit_b32(os.path.join(args.work_dir, "vit-b32-random"))
     name = model_id(model_dir)
     texts = query_texts(args.queries)
-    encoded = encode_texts(model_dir, args.queries)
+    encoded = encode_texts(model_dir, args.queries, "float32")
     qvec = {t: np.asarray(v, dtype=np.float32) for t, v in zip(texts, encoded["vectors"])}
     dim = len(next(iter(qvec.values())))
     print(f"{os.cpu_count()} CPUs; torch {encoded['threads']} threads, faiss {faiss.__version__} "
@@ -198,10 +198,15 @@ def main():
                     got_store = [int(r.id[1:]) for r, _ in reader.search(q, limit=args.limit)[0]]
                     got_faiss = index.search(q[None], args.limit)[1][0]
                     got_flow = [int(h.id[1:]) for h in client.search(texts[0], limit=args.limit)]
-                    assert list(want) == got_store == list(got_faiss) == got_flow, (want, got_store, got_faiss, got_flow)
+                    assert list(want) == got_store == list(got_faiss), (want, got_store, got_faiss)
+                    # the flow embeds the query in its own precision: the same rows, in float32 the same order
+                    if args.dtype == "float32":
+                        assert got_flow == list(want), (want, got_flow)
+                    else:
+                        assert len(set(got_flow) & set(want)) >= 0.8 * args.limit, (want, got_flow)
 
                     flow = latencies(lambda t: client.search(t, limit=args.limit), texts)
-                    encoded = encode_texts(model_dir, args.queries)  # again, next to this size's other figures
+                    encoded = encode_texts(model_dir, args.queries, args.dtype)  # again, next to this size's other figures
                     text = encoded["p50"], encoded["p99"]
                     store = latencies(lambda t: reader.search(qvec[t], limit=args.limit), texts)
                     brute = latencies(lambda t: numpy_top_k(data, qvec[t], args.limit), texts)

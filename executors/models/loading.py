@@ -1,8 +1,11 @@
-"""Loading a CLIP model once per (name, device, dtype), and the helpers both encoders share.
+"""Loading an image-text dual encoder once per (name, device, dtype), and the helpers both encoders share.
 
-The real loading path for every model: ``CLIPModel.from_pretrained(name_or_folder)``.
-A hub name that cannot be reached becomes a ``ModelLoadError`` that names the model and
-says how to point at a local folder instead.
+The real loading path for every model is transformers' own: ``AutoConfig`` / ``AutoModel`` /
+``AutoTokenizer`` / ``AutoImageProcessor`` ``.from_pretrained(name_or_folder)``, for the families in
+``FAMILIES``: CLIP (``CLIPModel``, any size) and SigLIP (``SiglipModel``: SigLIP and the fixed-resolution
+SigLIP 2 checkpoints, whose model type is ``siglip``). Any other model type is refused before its weights
+are read. A hub name that cannot be reached becomes a ``ModelLoadError`` that names the model and says
+how to point at a local folder instead.
 """
 
 from __future__ import annotations
@@ -31,6 +34,69 @@ T = TypeVar("T")
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says which one and what to do."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the dual-encoder families clipseek runs.
+
+    ``text_padding``: ``longest`` pads a batch of texts to its longest text (CLIP's text tower pools the
+    end-of-text token wherever it is); ``max_length`` pads every text to the text tower's
+    ``max_position_embeddings`` (SigLIP pools the last position and was trained on texts padded that way).
+    ``scoring``: how /classify turns cosines into probabilities, as the model was trained: ``softmax``
+    over ``logit_scale * cosine`` across the labels (CLIP's contrastive loss), or an independent
+    ``sigmoid(logit_scale * cosine + logit_bias)`` per label (SigLIP's sigmoid loss).
+    """
+
+    name: str
+    model_class: str
+    text_padding: str
+    scoring: str
+
+
+FAMILIES = {
+    "clip": Family("clip", "CLIPModel", text_padding="longest", scoring="softmax"),
+    "siglip": Family("siglip", "SiglipModel", text_padding="max_length", scoring="sigmoid"),
+}
+
+
+def supported_families() -> str:
+    return ", ".join(f"{f.name} ({f.model_class})" for f in FAMILIES.values())
+
+
+def model_family(model_type: Optional[str], name_or_path: str) -> Family:
+    """The family of a config's ``model_type``, or a ``ModelLoadError`` that names the model, its type and
+    the supported families."""
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    supported = f"clipseek runs these families: {supported_families()}"
+    if model_type == "siglip2":
+        raise ModelLoadError(
+            f"model {name_or_path!r} has model type 'siglip2' (SigLIP 2 NaFlex), which takes patch sequences with "
+            f"their spatial shapes instead of fixed-size images; {supported}. Use a fixed-resolution SigLIP 2 "
+            f"checkpoint instead, such as google/siglip2-base-patch16-224 (model type 'siglip').")
+    if not _has_dual_encoder_methods(model_type):
+        raise ModelLoadError(
+            f"model {name_or_path!r} has model type {model_type!r}, whose model has no get_image_features / "
+            f"get_text_features: it is not an image-text dual encoder; {supported}.")
+    raise ModelLoadError(f"model {name_or_path!r} has model type {model_type!r}, which is not a supported family; "
+                         f"{supported}.")
+
+
+def _has_dual_encoder_methods(model_type: Optional[str]) -> bool:
+    """Whether transformers' ``AutoModel`` class for ``model_type`` embeds both images and texts."""
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+        names = MODEL_MAPPING_NAMES.get(model_type or "")
+        for class_name in ([names] if isinstance(names, str) else list(names or ())):
+            cls = getattr(transformers, class_name, None)
+            if cls is not None and hasattr(cls, "get_image_features") and hasattr(cls, "get_text_features"):
+                return True
+    except Exception:  # noqa: BLE001 - a model type transformers cannot describe counts as lacking them
+        return False
+    return False
 
 
 def default_model() -> str:
@@ -73,6 +139,8 @@ def check_positive_int(name: str, value: Any) -> int:
 
 @dataclass
 class LoadedClip:
+    """A loaded dual encoder (CLIP or SigLIP: ``family``) and what its encoders and /classify need."""
+
     name: str
     model: Any
     device: str
@@ -81,6 +149,21 @@ class LoadedClip:
     tokenizer: Any = None
     precision: str = "float32"  # float32, bfloat16, int8 or float16 (executors/models/precision.py)
     logit_scale: float = 1.0  # exp of the model's learned temperature, read in float32 before any precision
+    family: str = "clip"  # a key of FAMILIES
+    logit_bias: float = 0.0  # SigLIP's learned bias (0 for CLIP), read in float32 before any precision
+    text_padding: str = "longest"  # "longest" (CLIP) or "max_length" (SigLIP): see Family
+
+    def label_probabilities(self, cosines) -> Any:
+        """Cosines of one image to its labels -> the probabilities the model's own ``logits_per_image``
+        gives: a softmax across the labels (CLIP, they sum to 1), or an independent sigmoid per label
+        (SigLIP: each says how well that label fits, they need not sum to 1)."""
+        import numpy as np
+
+        logits = np.asarray(cosines, dtype=np.float64) * self.logit_scale + self.logit_bias
+        if FAMILIES[self.family].scoring == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-logits))
+        probs = np.exp(logits - logits.max())
+        return probs / probs.sum()
 
 
 _cache: "OrderedDict[tuple, LoadedClip]" = OrderedDict()
@@ -90,10 +173,12 @@ _CACHE_SIZE = 2
 
 def load_clip(name_or_path: str, device: Optional[str] = None, dtype: Optional[str] = None,
               with_tokenizer: bool = False) -> LoadedClip:
-    """Load (or reuse) a CLIPModel in eval mode on the resolved device, in the precision ``dtype``
-    names (``auto``, the default, picks this machine's fastest: executors/models/precision.py)."""
+    """Load (or reuse) a dual encoder of a supported family (``FAMILIES``) in eval mode on the resolved
+    device, in the precision ``dtype`` names (``auto``, the default, picks this machine's fastest for the
+    tower that will run: the text tower when loaded ``with_tokenizer``, else the image tower;
+    executors/models/precision.py)."""
     dev = resolve_device(device)
-    chosen = precision.choose(dtype or os.environ.get(DTYPE_ENV), dev)
+    chosen = precision.choose(dtype or os.environ.get(DTYPE_ENV), dev, tower="text" if with_tokenizer else "image")
     key = (name_or_path, dev, chosen.name, with_tokenizer)
     with _cache_lock:
         if key in _cache:
@@ -108,37 +193,44 @@ def load_clip(name_or_path: str, device: Optional[str] = None, dtype: Optional[s
 
 def _load(name_or_path: str, device: str, chosen: "precision.Precision", with_tokenizer: bool) -> LoadedClip:
     import torch
-    from transformers import CLIPModel
+    from transformers import AutoConfig, AutoModel
 
     try:
         with quiet_transformers():
-            model = CLIPModel.from_pretrained(name_or_path, dtype=torch.float32)
+            config = AutoConfig.from_pretrained(name_or_path)
+            family = model_family(getattr(config, "model_type", None), name_or_path)  # before reading any weights
+            model = AutoModel.from_pretrained(name_or_path, config=config, dtype=torch.float32)
             tokenizer = None
             if with_tokenizer:
-                from transformers import CLIPTokenizer
+                from transformers import AutoTokenizer
 
-                tokenizer = CLIPTokenizer.from_pretrained(name_or_path)
+                tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             processor_config = image_processor_config(name_or_path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         raise ModelLoadError(model_error_message(name_or_path, e)) from None
     logit_scale = float(model.logit_scale.detach().float().exp())
+    bias = getattr(model, "logit_bias", None)
+    logit_bias = float(bias.detach().float().reshape(-1)[0]) if bias is not None else 0.0
     model = precision.apply(model.eval().requires_grad_(False).to(device), chosen)
     threads = os.environ.get(THREADS_ENV)
     if threads and device == "cpu":  # torch's intra-op threads for this whole process
         torch.set_num_threads(check_positive_int(THREADS_ENV, threads))
-    logger.info("loaded CLIP %s on %s in %s (%s)", name_or_path, device, chosen.name, chosen.reason)
+    logger.info("loaded %s model %s on %s in %s (%s)", family.name, name_or_path, device, chosen.name, chosen.reason)
     return LoadedClip(model_id(name_or_path), model, device, chosen.input_dtype, processor_config, tokenizer, chosen.name,
-                      logit_scale)
+                      logit_scale, family=family.name, logit_bias=logit_bias, text_padding=family.text_padding)
 
 
 def model_error_message(name_or_path: str, error: BaseException) -> str:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, ImportError):  # a package the tokenizer or processor needs, not the network
+        first_sentence = " ".join(str(error).split()).split(". ")[0] or type(error).__name__
+        return f"cannot load model {name_or_path!r}: {first_sentence}"
     if os.path.isdir(name_or_path):
-        return f"cannot load CLIP model from folder {name_or_path!r}: {first_line}"
+        return f"cannot load model from folder {name_or_path!r}: {first_line}"
     return (
-        f"cannot load CLIP model {name_or_path!r}: {first_line}\n"
+        f"cannot load model {name_or_path!r}: {first_line}\n"
         f"If this machine is offline, download the model where there is network access "
-        f"(`huggingface-cli download {name_or_path}`, or `CLIPModel.from_pretrained(...).save_pretrained(DIR)` "
+        f"(`huggingface-cli download {name_or_path}`, or `AutoModel.from_pretrained(...).save_pretrained(DIR)` "
         f"together with the tokenizer and processor) and point clipseek at the folder: "
         f"--model DIR or {MODEL_ENV}=DIR. The shipped demo model is data/models/clipseek-demo."
     )
@@ -190,14 +282,28 @@ def check_model_available(name_or_path: str) -> None:
         if not any(os.path.exists(os.path.join(name_or_path, f)) for f in PROCESSOR_FILES):
             missing.append(f"{PROCESSOR_FILES[0]} or {PROCESSOR_FILES[1]}")
         if missing:
-            raise ModelLoadError(f"folder {name_or_path!r} is not a saved CLIP model: missing {', '.join(missing)}")
+            raise ModelLoadError(f"folder {name_or_path!r} is not a saved model: missing {', '.join(missing)}")
+        _check_saved_family(name_or_path, name_or_path)
         return
     try:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(name_or_path, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+        folder = snapshot_download(name_or_path, allow_patterns=["*.json", "*.txt", "*.safetensors"])
     except Exception as e:  # any hub or network failure becomes one clear message
         raise ModelLoadError(model_error_message(name_or_path, e)) from None
+    _check_saved_family(folder, name_or_path)
+
+
+def _check_saved_family(folder: str, name_or_path: str) -> None:
+    """Refuse a model whose ``config.json`` names a model type outside ``FAMILIES`` (ModelLoadError)."""
+    import json
+
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable config is reported by the loading itself, with transformers' own words
+    model_family(model_type, name_or_path)
 
 
 def features(output) -> Any:
@@ -217,8 +323,9 @@ _model_thread: Any = None
 
 
 def _reset_model_thread() -> None:
-    global _model_thread
+    global _model_thread, _default_threads
     _model_thread = None  # a forked child has the pool object but not its thread
+    _default_threads = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -258,21 +365,66 @@ def _image_embeddings(clip: LoadedClip, pixel_values) -> "Any":
         if clip.device.startswith("cuda"):
             tensor = tensor.pin_memory().to(clip.device, non_blocking=True)
         tensor = tensor.to(clip.dtype)
+        if clip.device == "cpu":
+            _use_threads(None)  # every thread for a batch of images, whatever a text call used before
         return _to_unit_numpy(features(clip.model.get_image_features(pixel_values=tensor)))
 
 
+# What get_text_features takes from a tokenizer's output (a tokenizer may add others, e.g. token_type_ids).
+TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
 def text_embeddings(clip: LoadedClip, texts: Sequence[str], max_length: int = 77) -> "Any":
-    """Texts -> (B, D) float32 L2-normalized embeddings; tokens padded to the longest text, cut at max_length."""
+    """Texts -> (B, D) float32 L2-normalized embeddings; tokens cut at ``max_length`` (and at the text
+    tower's length), padded as the family was trained (``clip.text_padding``): to the longest text of the
+    batch (CLIP), or to the text tower's full ``max_position_embeddings`` (SigLIP)."""
     if clip.tokenizer is None:
         raise RuntimeError("text_embeddings needs a model loaded with with_tokenizer=True")
-    limit = min(max_length, getattr(clip.model.config.text_config, "max_position_embeddings", max_length))
-    tokens = clip.tokenizer(list(texts), padding="longest", truncation=True, max_length=limit, return_tensors="pt")
-    return on_model_thread(_text_features, clip, tokens)
+    model_length = getattr(clip.model.config.text_config, "max_position_embeddings", max_length)
+    limit = min(max_length, model_length)
+    if clip.text_padding == "max_length":
+        if limit < model_length:  # cut shorter than the model's length, still padded to all of it
+            cut = clip.tokenizer(list(texts), truncation=True, max_length=limit)
+            tokens = clip.tokenizer.pad(cut, padding="max_length", max_length=model_length, return_tensors="pt")
+        else:
+            tokens = clip.tokenizer(list(texts), padding="max_length", truncation=True, max_length=model_length,
+                                    return_tensors="pt")
+    else:
+        tokens = clip.tokenizer(list(texts), padding="longest", truncation=True, max_length=limit, return_tensors="pt")
+    return on_model_thread(_text_features, clip, {k: v for k, v in tokens.items() if k in TEXT_INPUTS})
+
+
+# A bfloat16 or int8 text call of at most this many tokens (batch x length) runs on one torch thread on a
+# CPU: its matrices are so small that two threads spend more on meeting each other than on multiplying.
+# One query of the ViT-B/32 text tower took 7.4 ms (bfloat16) and 3.7 ms (int8) on one thread, 13.8 and
+# 10.4 ms on two (2 vCPUs), and the other CPU stays free for the flow's other processes. float32 gained
+# nothing clear (16.4 against 12.7-18.6 ms on two threads) and keeps the process's threads.
+SMALL_TEXT_TOKENS = 512
 
 
 def _text_features(clip: LoadedClip, tokens) -> "Any":
     import torch
 
+    if clip.device == "cpu":
+        small = clip.precision != "float32" and int(tokens["input_ids"].numel()) <= SMALL_TEXT_TOKENS
+        _use_threads(1 if small else None)
     with torch.inference_mode():
         tokens = {k: v.to(clip.device) for k, v in tokens.items()}
         return _to_unit_numpy(features(clip.model.get_text_features(**tokens)))
+
+
+_default_threads: Optional[int] = None
+
+
+def _use_threads(threads: Optional[int]) -> None:
+    """torch's intra-op threads for the calls that follow on the model thread: ``threads``, or None for the
+    process's own number; changed only when it differs (a change costs more than a small call)."""
+    import torch
+
+    global _default_threads
+    current = torch.get_num_threads()
+    if _default_threads is None:
+        _default_threads = current
+    wanted = threads or _default_threads
+    if wanted != current:
+        torch.set_num_threads(wanted)

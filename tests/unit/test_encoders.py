@@ -31,12 +31,12 @@ def reference(tiny_model):
 
 @pytest.fixture(scope="module")
 def image_encoder(tiny_model):
-    return CLIPImageEncoder(pretrained_model_name_or_path=tiny_model, batch_size=2)
+    return CLIPImageEncoder(pretrained_model_name_or_path=tiny_model, batch_size=2, dtype="float32")  # parity of the pipeline; tests/unit/test_precision.py checks the others
 
 
 @pytest.fixture(scope="module")
 def text_encoder(tiny_model):
-    return CLIPTextEncoder(pretrained_model_name_or_path=tiny_model)
+    return CLIPTextEncoder(pretrained_model_name_or_path=tiny_model, dtype="float32")
 
 
 def test_image_parity_with_transformers(image_encoder, reference, picture_dir):
@@ -119,7 +119,7 @@ def test_batch_size_parameter_is_read(image_encoder, picture_dir, monkeypatch):
 
 
 def test_text_pads_to_longest_and_truncates(text_encoder, monkeypatch, tiny_model):
-    clip = load_clip(tiny_model, None, None, with_tokenizer=True)
+    clip = load_clip(tiny_model, None, "float32", with_tokenizer=True)  # the one the fixture's encoder uses
     lengths = []
     real = clip.model.get_text_features
 

@@ -73,6 +73,9 @@ def test_auto_picks_by_what_the_machine_runs_well(monkeypatch):
     monkeypatch.setattr(precision, "cpu_capabilities", lambda: {**no_bf16, "avx512_bf16": True})
     chosen = precision.choose("auto", "cpu")
     assert chosen.name == "bfloat16" and "native bfloat16" in chosen.reason
+    assert precision.choose("auto", "cpu", tower="text").name == "int8"  # short queries: VNNI int8
+    monkeypatch.setattr(precision, "cpu_capabilities", lambda: {**no_bf16, "avx512_bf16": True, "vnni": False})
+    assert precision.choose("auto", "cpu", tower="text").name == "bfloat16"
     monkeypatch.setattr(precision, "cpu_capabilities", lambda: no_bf16)
     monkeypatch.setattr(precision, "int8_speedup", lambda: 2.5)
     chosen = precision.choose("auto", "cpu")
@@ -89,6 +92,8 @@ def test_auto_on_this_cpu_names_its_reason():
     else:
         assert chosen.name in ("int8", "float32")
     assert chosen.reason.startswith("auto on cpu")
+    if caps["vnni"]:
+        assert precision.choose("auto", "cpu", tower="text").name == "int8"
 
 
 def test_the_probe_measures_int8_against_float32():
