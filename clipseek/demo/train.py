@@ -30,7 +30,7 @@ ATTRS = ("colour", "shape", "size", "count", "background", "position")
 VALUES = {"colour": list(world.COLOURS), "shape": list(world.SHAPES), "size": list(world.SIZES),
           "count": list(world.COUNTS), "background": list(world.BACKGROUNDS), "position": list(world.POSITIONS)}
 
-MODEL_SHAPE = dict(image_size=64, patch_size=8, width=128, layers=4, projection_dim=64)
+MODEL_SHAPE = dict(image_size=96, patch_size=8, width=128, layers=4, projection_dim=64)
 FILE_SIZE = 128  # pixels of the demo files; the model sees them resized to MODEL_SHAPE["image_size"]
 
 
