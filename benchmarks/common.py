@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import math
 import time
 from typing import List, Sequence
 
@@ -91,3 +92,19 @@ def timed(fn, *args, repeat: int = 1, **kwargs):
         result = fn(*args, **kwargs)
         times.append(time.perf_counter() - t0)
     return result, times
+
+
+def image_rate(clip, batch_size: int, images: int, warmup: int = 1) -> float:
+    """images/s of the image tower (+ L2 norm) on random pixel batches of the model's input size."""
+    from executors.images.imaging import Preprocess
+    from executors.models.loading import image_embeddings
+
+    recipe = Preprocess.from_processor_config(clip.processor_config)
+    x = np.random.default_rng(0).standard_normal((batch_size, 3, recipe.crop_height, recipe.crop_width)).astype(np.float32)
+    for _ in range(warmup):
+        image_embeddings(clip, x)
+    batches = max(1, math.ceil(images / batch_size))
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        image_embeddings(clip, x)
+    return batches * batch_size / (time.perf_counter() - t0)

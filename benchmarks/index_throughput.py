@@ -20,31 +20,15 @@ speed is that of the real model, the embeddings are not meaningful.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import tempfile
 import time
 
 import numpy as np
 
-from common import make_photos, table  # noqa: E402  (sets sys.path and offline env)
+from common import image_rate, make_photos, table  # noqa: E402  (sets sys.path and offline env)
 from clipseek.demo.modelkit import make_vit_b32  # noqa: E402
 from flows.settings import DEFAULT_REQUEST_SIZE  # noqa: E402
-
-
-def raw_model(clip, batch_size: int, images: int, warmup: int = 2) -> float:
-    """images/s of get_image_features + L2 norm on random (B, 3, 224, 224) float32 tensors."""
-    from executors.models.loading import image_embeddings
-
-    size = clip.processor_config.get("crop_size", {}).get("height", 224)
-    x = np.random.default_rng(0).standard_normal((batch_size, 3, size, size)).astype(np.float32)
-    for _ in range(warmup):
-        image_embeddings(clip, x)
-    batches = max(1, math.ceil(images / batch_size))
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        image_embeddings(clip, x)
-    return batches * batch_size / (time.perf_counter() - t0)
 
 
 def in_fresh_process(*args: str, threads=None) -> dict:
@@ -60,7 +44,7 @@ def in_fresh_process(*args: str, threads=None) -> dict:
 
 
 def raw_model_fresh(model_dir: str, batch_size: int, images: int, threads=None, dtype: str = "float32") -> dict:
-    """raw_model in a fresh process: {"rate": images/s, "threads": torch threads}."""
+    """image_rate in a fresh process: {"rate": images/s, "threads": torch threads}."""
     return in_fresh_process("--raw-child", model_dir, "--batch-size", str(batch_size), "--images", str(images),
                             "--dtype", dtype, threads=threads)
 
@@ -293,7 +277,7 @@ def main():
 
         clip = load_clip(args.loop_child or args.raw_child, "cpu", args.dtype)
         if args.raw_child:
-            print(json.dumps({"rate": raw_model(clip, args.batch_size, args.images), "threads": torch.get_num_threads()}))
+            print(json.dumps({"rate": image_rate(clip, args.batch_size, args.images, warmup=2), "threads": torch.get_num_threads()}))
             return
         serial, vectors = raw_loop(clip, listed["paths"], listed["warm"], args.batch_size, threaded=False)
         threaded, _ = raw_loop(clip, listed["paths"], listed["warm"], args.batch_size, threaded=True)

@@ -17,14 +17,13 @@ real models, the embeddings mean nothing.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import tempfile
 import time
 
 import numpy as np
 
-from common import table  # noqa: E402  (sets sys.path and offline env)
+from common import image_rate, table  # noqa: E402  (sets sys.path and offline env)
 from clipseek.demo.modelkit import BOS, EOS, make_vit_b32, train_tokenizer  # noqa: E402
 
 QUERY = "a photo of a dog running on the beach at sunset"
@@ -55,22 +54,6 @@ def make_siglip_base(folder: str, seed: int = 0) -> str:
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(tmp, folder)
     return folder
-
-
-def image_rate(clip, batch_size: int, images: int, warmup: int = 1) -> float:
-    """images/s of the image tower (+ L2 norm) on random pixel batches of the model's input size."""
-    from executors.images.imaging import Preprocess
-    from executors.models.loading import image_embeddings
-
-    recipe = Preprocess.from_processor_config(clip.processor_config)
-    x = np.random.default_rng(0).standard_normal((batch_size, 3, recipe.crop_height, recipe.crop_width)).astype(np.float32)
-    for _ in range(warmup):
-        image_embeddings(clip, x)
-    batches = max(1, math.ceil(images / batch_size))
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        image_embeddings(clip, x)
-    return batches * batch_size / (time.perf_counter() - t0)
 
 
 def query_ms(clip, repeat: int, warmup: int = 3) -> float:
