@@ -2,7 +2,6 @@
 transformers' own processor, tokenizer and model, and /classify gives the model's own probabilities;
 other model types are refused by name."""
 
-import importlib.util
 
 import numpy as np
 import pytest
@@ -257,18 +256,41 @@ def test_siglip2_naflex_is_refused_with_the_fixed_resolution_alternative(tmp_pat
         assert "clip (CLIPModel)" in message and "siglip (SiglipModel)" in message
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sentencepiece") is not None, reason="sentencepiece is installed")
-def test_a_missing_tokenizer_package_is_named(tmp_path, siglip_model):
-    """SigLIP (1) checkpoints ship a sentencepiece tokenizer: without the package, the error says so."""
+def save_sentencepiece_tokenizer(folder) -> int:
+    """A real sentencepiece unigram model trained on WORDS, saved as ``spiece.model`` with a
+    ``SiglipTokenizer`` config: how SigLIP (1) checkpoints ship their tokenizer. Returns its vocabulary size."""
+    import io
     import json
-    import shutil
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([" ".join(WORDS)] * 50 + WORDS), model_writer=model,
+                                   vocab_size=40, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "SiglipTokenizer",
+                                                              "model_max_length": TEXT_LENGTH}))
+    return spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+
+
+def test_a_sentencepiece_siglip_checkpoint_embeds_like_transformers(tmp_path):
+    """SigLIP (1) checkpoints ship ``spiece.model``: it loads through the same path and pads to the full length."""
+    from transformers import SiglipImageProcessor, SiglipModel
 
     folder = tmp_path / "spm-siglip"
-    shutil.copytree(siglip_model, folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (folder / name).unlink(missing_ok=True)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "SiglipTokenizer"}))
-    (folder / "spiece.model").write_bytes(b"")
-    with pytest.raises(ModelLoadError, match="SentencePiece") as err:
-        load_clip(str(folder), "cpu", "float32", with_tokenizer=True)
-    assert str(folder) in str(err.value) and "\n" not in str(err.value)
+    folder.mkdir()
+    vocab_size = save_sentencepiece_tokenizer(folder)
+    torch.manual_seed(1)
+    SiglipModel(tiny_siglip_config(vocab_size + 1)).eval().save_pretrained(str(folder))
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(folder))
+    clip = load_clip(str(folder), "cpu", "float32", with_tokenizer=True)
+    assert type(clip.tokenizer).__name__ == "SiglipTokenizer" and clip.text_padding == "max_length"
+    texts = ["a red circle", "a photo of a blue square", "yellow car"]
+    docs = DocList[TextQuery]([TextQuery(text=t) for t in texts])
+    CLIPTextEncoder(pretrained_model_name_or_path=str(folder), device="cpu", dtype="float32").encode(docs)
+    model, _, tokenizer = reference(str(folder))
+    with torch.inference_mode():
+        expected = _unit(features(model.get_text_features(**reference_tokens("siglip", tokenizer, texts))).numpy())
+    cosines = (_unit(np.stack([d.embedding for d in docs])) * expected).sum(axis=1)
+    assert cosines.min() >= 0.9999, cosines
