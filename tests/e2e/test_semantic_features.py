@@ -30,12 +30,23 @@ def _colours(hits, by_file):
     return [by_file[os.path.basename(h.uri)]["colour"] for h in hits]
 
 
+def _shared(a, b) -> int:
+    """How many of colour, shape, size, count and background two pictures have in common."""
+    return sum(a[k] == b[k] for k in ("colour", "shape", "size", "count", "background"))
+
+
+def _likeness(hits, example, by_file) -> float:
+    return sum(_shared(by_file[os.path.basename(h.uri)], example) for h in hits) / len(hits)
+
+
 def test_query_by_example_finds_pictures_like_it(world_served):
     client, folder, by_file = world_served
     name, record = next((n, r) for n, r in sorted(by_file.items()) if r["colour"] == "blue")
     hits = client.search(image=str(folder / name), limit=5)
     assert os.path.basename(hits[0].uri) == name  # itself first
-    assert _colours(hits, by_file).count("blue") >= 4
+    # the next four share far more with it than the world's pictures do on average (about 1.5 of 5)
+    average = sum(_shared(r, record) for n, r in by_file.items() if n != name) / (len(by_file) - 1)
+    assert _likeness(hits[1:], record, by_file) >= average + 1.0, (_likeness(hits[1:], record, by_file), average)
 
 
 def test_arithmetic_moves_the_colour(world_served):
@@ -56,7 +67,15 @@ def test_feedback_round_pulls_towards_liked_pictures(world_served):
     second = client.search("a small shape on a black background", like=[liked[0].id], unlike=unliked,
                            weights={"like_weight": 1.5}, limit=10)
     assert not set(unliked) & {h.id for h in second}
-    assert _colours(second, by_file).count("yellow") > _colours(first, by_file).count("yellow")
+    assert second[0].id == liked[0].id
+    # what the query left open (colour and shape) now leans to the liked picture's
+    example = by_file[os.path.basename(liked[0].uri)]
+
+    def leaning(hits):
+        return sum((r["colour"] == example["colour"]) + (r["shape"] == example["shape"])
+                   for r in (by_file[os.path.basename(h.uri)] for h in hits))
+
+    assert leaning(second) > leaning(first), (leaning(second), leaning(first))
 
 
 def test_zero_shot_labels_name_the_colour(world_served):

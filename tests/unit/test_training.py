@@ -38,3 +38,34 @@ def test_a_pool_without_variants_still_fills_the_batch():
     codes = _pool(40, seed=3)
     batch = hard_negative_batch(codes, _index(codes), 32, np.random.default_rng(0), share=0.5)
     assert len(batch) == 32 and len(set(batch.tolist())) == 32 and batch.max() < 40
+
+
+def test_a_caption_says_a_only_for_a_single_shape():
+    """"a red circle" means one red circle, as a user means it: "a" is never the article of two or three."""
+    import random
+
+    from clipseek.demo.train import caption_for
+
+    rng = random.Random(0)
+    count = ATTRS.index("count")
+    singles = 0
+    for codes in _pool(3000, seed=5):
+        text, mask = caption_for(codes, rng)
+        body = text.split(" of ", 1)[-1]  # after "a photo of ", "an image of ", ...
+        n = VALUES["count"][codes[count]]
+        if body.startswith("a "):
+            assert n == 1 and mask[count], (text, n, mask)
+            singles += 1
+        elif mask[count]:
+            assert body.split()[0] == {2: "two", 3: "three"}[n], text
+    assert singles > 300
+
+
+def test_training_precision_is_checked():
+    import pytest
+
+    from clipseek.demo.train import training_autocast
+
+    assert training_autocast("float32") is False and training_autocast("bfloat16") is True
+    with pytest.raises(ValueError, match="float16"):
+        training_autocast("float16")
