@@ -177,10 +177,9 @@ def training_autocast(precision: str = "auto") -> bool:
     if precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"training precision must be auto, float32 or bfloat16, not {precision!r}")
     if precision == "auto":
-        from executors.models.precision import cpu_capabilities
+        from executors.models.precision import native_bfloat16
 
-        caps = cpu_capabilities()
-        return caps["avx512_bf16"] or caps["amx"]
+        return native_bfloat16() is not None
     return precision == "bfloat16"
 
 

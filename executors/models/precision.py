@@ -63,6 +63,12 @@ def cpu_capabilities() -> Dict[str, bool]:
             "vnni": has("_is_vnni_supported"), "avx2": has("_is_avx2_supported")}
 
 
+def native_bfloat16() -> Optional[str]:
+    """What runs bfloat16 matmuls natively on this CPU ("AMX" or "AVX512-BF16"), or None."""
+    caps = cpu_capabilities()
+    return "AMX" if caps["amx"] else "AVX512-BF16" if caps["avx512_bf16"] else None
+
+
 _probe_lock = threading.Lock()
 _int8_speedup: Optional[float] = None
 
@@ -102,8 +108,8 @@ def choose(dtype: Optional[str], device: str, tower: str = "image") -> Precision
             # one ViT-B/32 query: int8 4.6 ms, bfloat16 8.4 ms, float32 15.3 ms (benchmarks/search_latency.py)
             return Precision("int8", "auto on cpu for the text tower: the CPU has VNNI (int8 dot products); "
                                      "short queries run fastest in int8")
-        if caps["avx512_bf16"] or caps["amx"]:
-            native = "AMX" if caps["amx"] else "AVX512-BF16"
+        native = native_bfloat16()
+        if native:
             return Precision("bfloat16", f"auto on cpu: the CPU has native bfloat16 ({native})")
         gain = int8_speedup()
         if gain >= INT8_MIN_SPEEDUP:
