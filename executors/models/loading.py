@@ -40,8 +40,8 @@ class ModelLoadError(RuntimeError):
 class Family:
     """What differs between the dual-encoder families clipseek runs.
 
-    ``text_padding``: ``longest`` pads a batch of texts to its longest text (CLIP's text tower pools the
-    end-of-text token wherever it is); ``max_length`` pads every text to the text tower's
+    ``text_padding``: ``longest`` needs no padding (CLIP's text tower pools the end-of-text token wherever
+    it is, so texts run in groups of one token length); ``max_length`` pads every text to the text tower's
     ``max_position_embeddings`` (SigLIP pools the last position and was trained on texts padded that way).
     ``scoring``: how /classify turns cosines into probabilities, as the model was trained: ``softmax``
     over ``logit_scale * cosine`` across the labels (CLIP's contrastive loss), or an independent
@@ -376,8 +376,9 @@ TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 def text_embeddings(clip: LoadedClip, texts: Sequence[str], max_length: int = 77) -> "Any":
     """Texts -> (B, D) float32 L2-normalized embeddings; tokens cut at ``max_length`` (and at the text
-    tower's length), padded as the family was trained (``clip.text_padding``): to the longest text of the
-    batch (CLIP), or to the text tower's full ``max_position_embeddings`` (SigLIP)."""
+    tower's length), padded as the family was trained (``clip.text_padding``): not at all (CLIP: texts of
+    one token length run together, so a text's embedding never depends on the others of its batch), or to
+    the text tower's full ``max_position_embeddings`` (SigLIP)."""
     if clip.tokenizer is None:
         raise RuntimeError("text_embeddings needs a model loaded with with_tokenizer=True")
     model_length = getattr(clip.model.config.text_config, "max_position_embeddings", max_length)
@@ -390,8 +391,30 @@ def text_embeddings(clip: LoadedClip, texts: Sequence[str], max_length: int = 77
             tokens = clip.tokenizer(list(texts), padding="max_length", truncation=True, max_length=model_length,
                                     return_tensors="pt")
     else:
-        tokens = clip.tokenizer(list(texts), padding="longest", truncation=True, max_length=limit, return_tensors="pt")
+        return _text_embeddings_by_length(clip, texts, limit)
     return on_model_thread(_text_features, clip, {k: v for k, v in tokens.items() if k in TEXT_INPUTS})
+
+
+def _text_embeddings_by_length(clip: LoadedClip, texts: Sequence[str], limit: int) -> "Any":
+    """CLIP-style texts, run in groups of one token length: no text is padded, so a text's embedding is the
+    same alone or beside longer texts in any precision (an int8 Linear takes its activation scale from all
+    of a text's positions, padding included)."""
+    import numpy as np
+    import torch
+
+    ids = clip.tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]
+    by_length: dict = {}
+    for pos, row in enumerate(ids):
+        by_length.setdefault(len(row), []).append(pos)
+    out = None
+    for positions in by_length.values():
+        input_ids = torch.tensor([ids[p] for p in positions], dtype=torch.long)
+        tokens = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        vectors = on_model_thread(_text_features, clip, tokens)
+        if out is None:
+            out = np.empty((len(ids), vectors.shape[1]), dtype=np.float32)
+        out[positions] = vectors
+    return out
 
 
 # A bfloat16 or int8 text call of at most this many tokens (batch x length) runs on one torch thread on a
