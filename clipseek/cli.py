@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-private-urls", action="store_true", default=None,
                    help="let the server fetch URLs on loopback, private and link-local addresses "
                         "(env CLIPSEEK_ALLOW_PRIVATE_URLS=1; off by default against request forgery)")
+    p.add_argument("--url-timeout", type=float, metavar="SECONDS",
+                   help="seconds the server waits for one URL it fetches (env CLIPSEEK_URL_TIMEOUT, default 10)")
+    p.add_argument("--max-download-bytes", type=int, metavar="BYTES",
+                   help="most bytes the server reads from one URL or file (env CLIPSEEK_MAX_DOWNLOAD_BYTES, "
+                        "default 52428800 = 50 MiB)")
     p.add_argument("--bind", metavar="HOST", help="listen on this host instead of 127.0.0.1 (e.g. 0.0.0.0 for every "
                                                   "interface; anyone who can reach it can index and search)")
     p.add_argument("--allow-root", dest="allowed_roots", action="append", metavar="DIR",

@@ -15,9 +15,13 @@ from jina import Executor, requests
 from executors.models.loading import batched, check_positive_int, default_model, image_embeddings, load_clip
 from executors.docs import STATUS_FAILED, Hit, ImageInput, TextQuery, has_image
 from executors.images.imaging import ImageError, Preprocess, SourceInfo, array_to_image, decode_image, preprocess, read_source
-from executors.params import as_flag, request_options, traverse, worker_threads
+from executors.params import as_bool, as_flag, as_text, at_most_default, request_options, traverse, worker_threads
 
 logger = logging.getLogger(__name__)
+
+# What a request's parameters may set; the model, device, precision and every read limit are fixed at start.
+REQUEST_OPTIONS = {"batch_size": at_most_default(), "access_paths": as_text(200), "draft_decode": as_bool,
+                   "keep_pixels": as_bool}
 
 # With draft decoding a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale whose short side is
 # still at least DRAFT_FACTOR times the model's resize target, so the bicubic resize that follows
@@ -85,8 +89,9 @@ def prefetch(pool: ThreadPoolExecutor, fn, items, window: int) -> Iterator:
 class CLIPImageEncoder(Executor):
     """Embeds images with a transformers ``CLIPModel``.
 
-    Every constructor argument is a default that a request may override under the same
-    name in ``parameters``. ``draft_decode`` (on by default) decodes big JPEGs at a reduced
+    A request's ``parameters`` may set only ``REQUEST_OPTIONS`` (a smaller ``batch_size``, ``access_paths``,
+    ``draft_decode``, ``keep_pixels``); one naming the model, device, dtype or a read limit is refused
+    (executors/params.py). ``draft_decode`` (on by default) decodes big JPEGs at a reduced
     scale that still leaves DRAFT_FACTOR times the model's input size; benchmarks/index_throughput.py
     measures its speed and that embeddings stay within a cosine of 1e-5 of a full decode. A document that cannot be read or decoded gets ``status``
     ``failed`` and an ``error`` naming it; the rest of the batch is embedded.
@@ -134,7 +139,7 @@ class CLIPImageEncoder(Executor):
 
     @requests(on="/index")
     def encode(self, docs: DocList[ImageInput], parameters: Optional[Dict] = None, **kwargs) -> DocList[ImageInput]:
-        options = request_options(self.defaults, parameters)
+        options = request_options(self.defaults, parameters, REQUEST_OPTIONS)
         self._embed([d for d in traverse(docs, options["access_paths"]) if d.embedding is None], options)
         return docs
 
@@ -142,7 +147,7 @@ class CLIPImageEncoder(Executor):
     def encode_queries(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None,
                        **kwargs) -> DocList[TextQuery]:
         """Query by example: the image of a query without text, and the image parts of any query."""
-        options = request_options(self.defaults, parameters)
+        options = request_options(self.defaults, parameters, REQUEST_OPTIONS)
         targets = []
         for doc in docs:
             for item in [doc, *doc.parts]:
@@ -158,7 +163,7 @@ class CLIPImageEncoder(Executor):
         the model's own probabilities, best first in ``matches``: for CLIP a softmax over the model's logit
         scale (they sum to 1), for SigLIP an independent sigmoid(logit scale x cosine + logit bias) per
         label (each says how well that one label fits; they need not sum to 1)."""
-        options = request_options(self.defaults, parameters)
+        options = request_options(self.defaults, parameters, REQUEST_OPTIONS)
         targets = [d for d in docs if not d.error and d.embedding is None and has_image(d)]
         self._embed(targets, {**options, "keep_pixels": False})
         clip = self._load(options)

@@ -9,11 +9,14 @@ from jina import Executor, requests
 
 from executors.models.loading import batched, check_positive_int, default_model, load_clip, text_embeddings
 from executors.docs import TextQuery
-from executors.params import request_options, traverse
+from executors.params import as_text, at_most_default, request_options, traverse
 
 logger = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 10_000
+# What a request's parameters may set; the model, device and precision are fixed when the server starts.
+REQUEST_OPTIONS = {"batch_size": at_most_default(), "access_paths": as_text(200), "max_length": at_most_default(),
+                   "template": as_text(1000)}
 
 
 class CLIPTextEncoder(Executor):
@@ -53,7 +56,7 @@ class CLIPTextEncoder(Executor):
 
     @requests(on="/search")
     def encode(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None, **kwargs) -> DocList[TextQuery]:
-        options = request_options(self.defaults, parameters)
+        options = request_options(self.defaults, parameters, REQUEST_OPTIONS)
         targets = []
         for doc in traverse(docs, options["access_paths"]):
             for item in [doc, *(getattr(doc, "parts", None) or [])]:
@@ -66,7 +69,7 @@ class CLIPTextEncoder(Executor):
     @requests(on="/classify")
     def encode_labels(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None, **kwargs) -> DocList[TextQuery]:
         """Zero-shot labels: each query's ``parts`` are label names, embedded as ``template.format(label)``."""
-        options = request_options(self.defaults, parameters)
+        options = request_options(self.defaults, parameters, REQUEST_OPTIONS)
         template = str(options["template"])
         if "{}" not in template:
             for doc in docs:

@@ -12,9 +12,10 @@ from docarray import DocList
 from jina import Executor, requests
 
 from executors.docs import DuplicateGroup, Hit, IndexStatus, KeyDoc, TextQuery
-from executors.params import request_options
+from executors.params import MAX_LIMIT, as_int, request_options
 
 logger = logging.getLogger(__name__)
+
 
 
 def _shard_answers(docs, docs_matrix):
@@ -30,7 +31,7 @@ class ShardMerger(Executor):
     @requests(on="/search")
     def search(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None, docs_matrix=None,
                **kwargs) -> DocList[TextQuery]:
-        limit = int(request_options(self.defaults, parameters)["limit"])
+        limit = int(request_options(self.defaults, parameters, {"limit": as_int(1, MAX_LIMIT)})["limit"])
         answers = _shard_answers(docs, docs_matrix)
         merged = DocList[TextQuery]()
         for position, query in enumerate(answers[0]):

@@ -14,10 +14,19 @@ from jina import Executor, requests
 from executors.docs import (STATUS_FAILED, STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, TextQuery,
                             has_image)
 from executors.store.filters import FilterError
-from executors.params import request_options
+from executors.params import MAX_LIMIT, RequestError, as_any, as_bool, as_float, as_int, as_flag, request_options
 from executors.store.vector_store import Record, StoreError, VectorStore
 
 logger = logging.getLogger(__name__)
+
+WEIGHT = as_float(-100.0, 100.0)
+# What a request's parameters may set; where the files live and how they are stored are fixed at start.
+REQUEST_OPTIONS = {"limit": as_int(1, MAX_LIMIT), "min_score": as_float(-1.0, 1.0), "filter": as_any,
+                   "return_embeddings": as_bool, "like": as_any, "unlike": as_any, "query_weight": WEIGHT,
+                   "like_weight": WEIGHT, "unlike_weight": WEIGHT}
+DUPLICATE_OPTIONS = {"threshold": as_float(0.5, 1.0)}
+LIST_OPTIONS = {"after_id": as_any, "page": as_int(1, 10_000)}
+
 
 class SimpleIndexer(Executor):
     """Exact cosine search over vectors on disk.
@@ -25,7 +34,8 @@ class SimpleIndexer(Executor):
     Files live under ``index_dir`` if given, else in the executor's jina workspace
     (``<workspace>/SimpleIndexer/<shard>``), so two flows on one workspace share one index.
 
-    Request parameters override the defaults: ``limit``, ``min_score``, ``filter`` (see
+    Request parameters (only these; ``REQUEST_OPTIONS``) override the defaults: ``limit`` (1 to
+    ``MAX_LIMIT``), ``min_score``, ``filter`` (see
     ``executors/filters.py``), ``return_embeddings``, and for relevance feedback ``like`` /
     ``unlike`` (ids of results) with ``query_weight`` (1.0), ``like_weight`` (0.75) and
     ``unlike_weight`` (0.25): the query vector is the normalized sum of the weighted query,
@@ -35,6 +45,9 @@ class SimpleIndexer(Executor):
     ``storage_dtype`` (``float32`` or ``float16``) sets how a new or empty index stores its vectors;
     ``None`` (the default) keeps what the index records, float32 for a new one. float16 halves the
     file and the memory the map needs, at a recall@10 cost measured in ``benchmarks/indexer_bench.py``.
+
+    ``read_only`` (the search flow's indexer): the store is opened for reading only, never takes the
+    writer lock, and ``/index``, ``/delete`` and ``/clear`` are refused; the index flow is the one writer.
     """
 
     def __init__(
@@ -48,13 +61,16 @@ class SimpleIndexer(Executor):
         unlike_weight: float = 0.25,
         chunk_rows: int = 65536,
         storage_dtype: Optional[str] = None,
+        read_only: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.read_only = as_flag(read_only, "read_only")
         self.defaults = dict(limit=int(limit), min_score=min_score, filter=None, return_embeddings=bool(return_embeddings),
                              like=None, unlike=None, query_weight=float(query_weight), like_weight=float(like_weight),
                              unlike_weight=float(unlike_weight))
-        self.store = VectorStore(self._resolve_dir(index_dir), chunk_rows=chunk_rows, dtype=storage_dtype)
+        self.store = VectorStore(self._resolve_dir(index_dir), chunk_rows=chunk_rows, dtype=storage_dtype,
+                                 read_only=self.read_only)
         logger.info("index at %s: %d documents (%s)", self.store.path, self.store.count, self.store.dtype)
 
     def _resolve_dir(self, index_dir: Optional[str]) -> str:
@@ -63,9 +79,15 @@ class SimpleIndexer(Executor):
         shard = str(getattr(self.runtime_args, "shard_id", 0) or 0)
         return self.workspace or os.path.join("workspace", type(self).__name__, shard)
 
+    def _check_writable(self, endpoint: str) -> None:
+        if self.read_only:
+            raise RequestError(f"{endpoint} is refused here: this flow reads the index and never writes it; "
+                               f"send {endpoint} to the index flow (clipseek serve --index-port)")
+
     @requests(on="/index")
     def index(self, docs: DocList[ImageInput], parameters: Optional[Dict] = None, **kwargs) -> DocList[ImageInput]:
-        options = request_options(self.defaults, parameters)
+        self._check_writable("/index")
+        options = request_options(self.defaults, parameters, REQUEST_OPTIONS)
         last_of_id = {doc.id: pos for pos, doc in enumerate(docs)}
         batch = []
         for pos, doc in enumerate(docs):
@@ -97,7 +119,7 @@ class SimpleIndexer(Executor):
 
     @requests(on="/search")
     def search(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None, **kwargs) -> DocList[TextQuery]:
-        options = request_options(self.defaults, parameters)
+        options = request_options(self.defaults, parameters, REQUEST_OPTIONS)
         limit = int(options["limit"])
         min_score = None if options["min_score"] is None else float(options["min_score"])
         try:
@@ -171,8 +193,8 @@ class SimpleIndexer(Executor):
     @requests(on="/duplicates")
     def duplicates(self, docs: DocList[DuplicateGroup], parameters: Optional[Dict] = None,
                    **kwargs) -> DocList[DuplicateGroup]:
-        """Groups of near-identical images in this index (``threshold``, default 0.95 cosine)."""
-        threshold = float((parameters or {}).get("threshold", 0.95))
+        """Groups of near-identical images in this index (``threshold``, default 0.95 cosine, from 0.5 to 1)."""
+        threshold = request_options({"threshold": 0.95}, parameters, DUPLICATE_OPTIONS)["threshold"]
         groups = self.store.near_duplicates(threshold)
         return DocList[DuplicateGroup]([DuplicateGroup(members=DocList[Hit]([_hit(r, s) for r, s in g])) for g in groups])
 
@@ -196,15 +218,19 @@ class SimpleIndexer(Executor):
     def list_documents(self, docs: DocList[KeyDoc], parameters: Optional[Dict] = None, **kwargs) -> DocList[KeyDoc]:
         """A page of stored documents (id, uri, file facts) in id order: parameters ``after_id``
         (the last id of the previous page, "" to start) and ``page`` (default 1000, at most 10,000)."""
-        params = parameters or {}
-        page = max(1, min(int(params.get("page", 1000)), 10_000))
-        records = self.store.page_by_id(str(params.get("after_id") or ""), page)
+        params = request_options({"after_id": "", "page": 1000}, parameters, LIST_OPTIONS)
+        records = self.store.page_by_id(str(params["after_id"] or ""), params["page"])
         return DocList[KeyDoc]([KeyDoc(id=r.id, uri=r.uri, content_hash=r.content_hash, mtime=r.mtime, size=r.size,
                                        found=True) for r in records])
 
     @requests(on="/delete")
     def delete(self, docs: DocList[KeyDoc], parameters: Optional[Dict] = None, **kwargs) -> DocList[KeyDoc]:
-        ids = [d.id for d in docs] + list((parameters or {}).get("ids") or [])
+        self._check_writable("/delete")
+        try:
+            extra = _id_list((parameters or {}).get("ids"), "ids")
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        ids = [d.id for d in docs] + extra
         existing = self.store.get(ids)
         self.store.delete(ids)
         for doc in docs:
@@ -214,6 +240,7 @@ class SimpleIndexer(Executor):
 
     @requests(on="/clear")
     def clear(self, **kwargs) -> DocList[IndexStatus]:
+        self._check_writable("/clear")
         removed = self.store.clear()
         logger.info("cleared the index (%d documents removed)", removed)
         return DocList[IndexStatus]([IndexStatus(**self.store.status())])

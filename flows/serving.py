@@ -60,6 +60,7 @@ def build_flows(settings: Settings):
 
     options = {"pretrained_model_name_or_path": settings.model, "device": settings.device,
                "dtype": settings.dtype, "batch_size": settings.batch_size, "max_megapixels": settings.max_megapixels,
+               "url_timeout": settings.url_timeout, "max_download_bytes": settings.max_download_bytes,
                "allow_private_urls": settings.allow_private_urls or None}
     roots = None if settings.allowed_roots is None else [os.path.abspath(os.path.expanduser(r)) for r in settings.allowed_roots]
     index_flow = Flow.load_config(flow_config(INDEX_FLOW, host=settings.host, port=settings.index_port,

@@ -56,6 +56,9 @@ class Settings:
     dtype: Optional[str] = field(default_factory=lambda: _env("CLIPSEEK_DTYPE"))
     batch_size: Optional[int] = field(default_factory=lambda: _env_int("CLIPSEEK_BATCH_SIZE", None))
     max_megapixels: Optional[float] = field(default_factory=lambda: float(_env("CLIPSEEK_MAX_MEGAPIXELS", 0)) or None)
+    # Per URL the server fetches: seconds before it gives up, and the most bytes it reads (None: the encoder's 10 s, 50 MiB).
+    url_timeout: Optional[float] = field(default_factory=lambda: float(_env("CLIPSEEK_URL_TIMEOUT", 0)) or None)
+    max_download_bytes: Optional[int] = field(default_factory=lambda: _env_int("CLIPSEEK_MAX_DOWNLOAD_BYTES", None))
     allow_private_urls: bool = field(default_factory=lambda: as_flag(_env("CLIPSEEK_ALLOW_PRIVATE_URLS", ""),
                                                                       "CLIPSEEK_ALLOW_PRIVATE_URLS"))
     shards: Optional[int] = field(default_factory=lambda: _env_int("CLIPSEEK_SHARDS", None))

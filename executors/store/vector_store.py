@@ -79,11 +79,13 @@ class VectorStore:
     """Exact cosine search over unit vectors kept on disk."""
 
     def __init__(self, path: str, *, growth_rows: int = 16384, chunk_rows: int = 65536,
-                 dtype: Optional[str] = None):
+                 dtype: Optional[str] = None, read_only: bool = False):
         """``dtype`` (``float32`` or ``float16``) is the storage type of a new or empty store;
         ``None`` keeps what the store records (float32 for a new one). Asking an index that already
-        holds vectors for another dtype raises StoreError."""
+        holds vectors for another dtype raises StoreError. A ``read_only`` store never takes the writer
+        lock: every write raises StoreError (it still sees what the writer commits)."""
         self.path = os.path.abspath(path)
+        self.read_only = bool(read_only)
         self._requested_dtype = storage_dtype_name(dtype) if dtype is not None else None
         self.growth_rows = int(growth_rows)
         self.chunk_rows = int(chunk_rows)
@@ -125,7 +127,7 @@ class VectorStore:
             for key, value in (("schema_version", SCHEMA_VERSION), ("high_water", 0), ("generation", 0)):
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, str(value)))
             wanted = self._requested_dtype
-            if wanted is not None and wanted != self._meta("dtype"):
+            if wanted is not None and wanted != self._meta("dtype") and not self.read_only:
                 have, committed = self.dtype, int(self._meta("high_water") or 0)
                 if committed and have != wanted:
                     raise StoreError(
@@ -193,7 +195,8 @@ class VectorStore:
     def _acquire_writer(self) -> None:
         if self._lock_fd is not None:
             return
-        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        if self.read_only:
+            raise StoreError(f"index at {self.path} is open read-only here; writes go through the index flow")        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

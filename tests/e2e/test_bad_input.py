@@ -25,6 +25,7 @@ import clipseek.client as client_module
 from executors.images import netguard
 from executors.clip_image_encoder import CLIPImageEncoder
 from executors.docs import ImageInput
+from executors.params import RequestError
 from executors.images.imaging import ImageError, local_path, path_uri, read_source, uri_id
 from clipseek.client import ClipseekClient, ClipseekError
 from flows.serving import flows_in_subprocess, free_port
@@ -112,7 +113,8 @@ def http_base():
 def served(tiny_model, tmp_path_factory):
     settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=tiny_model,
                         device="cpu", workspace=str(tmp_path_factory.mktemp("workspace")),
-                        allow_private_urls=True)  # the test's HTTP server is on loopback
+                        allow_private_urls=True,  # the test's HTTP server is on loopback
+                        url_timeout=URL_TIMEOUT, max_download_bytes=CAP)
     with flows_in_subprocess(settings):
         yield settings, ClipseekClient(settings.index_address, settings.search_address, timeout=120)
 
@@ -226,8 +228,7 @@ def test_one_batch_of_every_bad_input(served, http_base, tmp_path, monkeypatch):
 
     monkeypatch.setattr(client_module, "_reason", record)
     t0 = time.monotonic()
-    report = client.index(sources, batch_size=len(sources),
-                          parameters={"url_timeout": URL_TIMEOUT, "max_download_bytes": CAP})
+    report = client.index(sources, batch_size=len(sources))
     elapsed = time.monotonic() - t0
     assert elapsed < 60, f"one batch took {elapsed:.0f} s: a stalled URL held the batch"
 
@@ -308,7 +309,9 @@ def test_loopback_url_refused_by_default(tiny_model, http_base):
     url = f"{http_base}/good.png?default-settings"
     default = CLIPImageEncoder(pretrained_model_name_or_path=tiny_model)
     docs = DocList[ImageInput]([ImageInput(url=url, uri=url)])
-    default.encode(docs, parameters={"allow_private_urls": True})
+    with pytest.raises(RequestError, match=r"'allow_private_urls' is fixed when the server starts \(clipseek serve --allow-private-urls\)"):
+        default.encode(docs, parameters={"allow_private_urls": True})
+    default.encode(docs)
     assert docs[0].embedding is None and docs[0].status == "failed"
     reason = docs[0].error
     assert reason.startswith(url) and "refused" in reason and "non-public address 127.0.0.1" in reason

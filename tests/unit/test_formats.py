@@ -40,7 +40,7 @@ def test_phone_formats_index_like_a_jpeg(encoder, tmp_path, fmt, ext):
     assert cosine > 0.99, cosine  # the same picture, whatever the container
 
 
-def test_max_megapixels_downscales_jpeg_and_refuses_others(encoder, tmp_path):
+def test_max_megapixels_downscales_jpeg_and_refuses_others(tiny_model, tmp_path):
     big = _photo((4000, 3000))
     jpeg, png = tmp_path / "big.jpg", tmp_path / "big.png"
     big.save(jpeg, quality=90)
@@ -50,6 +50,6 @@ def test_max_megapixels_downscales_jpeg_and_refuses_others(encoder, tmp_path):
     with pytest.raises(ImageError, match="12.0 megapixels, over the limit of 2"):
         decode_image(png.read_bytes(), "big.png", max_megapixels=2)
     docs = DocList[ImageInput]([ImageInput(url=str(jpeg)), ImageInput(url=str(png))])
-    encoder.encode(docs, parameters={"max_megapixels": 2})
+    CLIPImageEncoder(pretrained_model_name_or_path=tiny_model, max_megapixels=2).encode(docs)
     assert docs[0].embedding is not None and (docs[0].width, docs[0].height) == (4000, 3000)
     assert docs[1].status == STATUS_FAILED and "over the limit of 2" in docs[1].error
