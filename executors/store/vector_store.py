@@ -196,7 +196,8 @@ class VectorStore:
         if self._lock_fd is not None:
             return
         if self.read_only:
-            raise StoreError(f"index at {self.path} is open read-only here; writes go through the index flow")        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+            raise StoreError(f"index at {self.path} is open read-only here; writes go through the index flow")
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -249,8 +250,12 @@ class VectorStore:
                 f"Use another workspace, or clear the index first"
             )
 
-    def upsert(self, vectors: np.ndarray, records: Sequence[Record], model: Optional[str] = None) -> None:
-        """Add or replace ``records`` (ids unique within the call) with their ``vectors``."""
+    def upsert(self, vectors: np.ndarray, records: Sequence[Record], model: Optional[str] = None, *,
+               keep_indexed_at: bool = False) -> None:
+        """Add or replace ``records`` (ids unique within the call) with their ``vectors``.
+
+        Each row is stamped with the time of this write as its ``indexed_at``; with ``keep_indexed_at``
+        a record that carries its own ``indexed_at`` keeps it (a restored snapshot keeps its times)."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != len(records):
             raise StoreError(f"expected {len(records)} vectors as a 2-d array, got shape {vectors.shape}")
@@ -292,7 +297,7 @@ class VectorStore:
                     "size=excluded.size, width=excluded.width, height=excluded.height, indexed_at=excluded.indexed_at",
                     [
                         (high_water + i, r.id, r.uri, json.dumps(r.tags or {}), r.content_hash, r.mtime, r.size,
-                         r.width, r.height, now)
+                         r.width, r.height, r.indexed_at if keep_indexed_at and r.indexed_at is not None else now)
                         for i, r in enumerate(records)
                     ],
                 )
