@@ -37,6 +37,17 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shards", type=int, help="indexer shards in both flows (env CLIPSEEK_SHARDS, default 1 as in the YAML)")
 
 
+def _threshold(text: str) -> float:
+    """A near-duplicate threshold: a cosine from 0.5 to 1 (lower links nearly every pair of pictures)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0.5 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be from 0.5 to 1 (a cosine), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipseek", description="Text-to-image search over your pictures with CLIP.")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -132,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection(p)
 
     p = sub.add_parser("duplicates", help="list groups of near-identical images in the index")
-    p.add_argument("--threshold", type=float, default=0.95, help="cosine at or above which two images are one (default 0.95)")
+    p.add_argument("--threshold", type=_threshold, default=0.95,
+                   help="cosine at or above which two images are one, from 0.5 to 1 (default 0.95)")
     p.add_argument("--json", action="store_true")
     _add_connection(p)
 

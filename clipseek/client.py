@@ -52,11 +52,15 @@ class IndexReport:
 
 def expand_sources(items: Iterable[str], report: Optional[IndexReport] = None) -> List[str]:
     """Folders (recursively, image extensions only), globs, files and URLs -> a list of sources.
-    A path that matches nothing is recorded as failed in ``report``."""
+    A local file is named by its real path (symlinks and ``..`` resolved), so a file reached by several
+    paths (a symlink loop under a ``**`` glob, a linked folder) is one source. A path that matches nothing
+    is recorded as failed in ``report``."""
     out: List[str] = []
     seen = set()
 
     def add(source: str) -> None:
+        if not source.startswith(URL_PREFIXES):
+            source = os.path.realpath(source)
         if source not in seen:
             seen.add(source)
             out.append(source)

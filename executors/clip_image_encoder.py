@@ -14,7 +14,8 @@ from jina import Executor, requests
 
 from executors.models.loading import batched, check_positive_int, default_model, image_embeddings, load_clip
 from executors.docs import STATUS_FAILED, Hit, ImageInput, TextQuery, has_image
-from executors.images.imaging import ImageError, Preprocess, SourceInfo, array_to_image, decode_image, preprocess, read_source
+from executors.images.imaging import (ImageError, Preprocess, SourceInfo, array_to_image, decode_image, local_path, path_uri,
+                                      preprocess, read_source)
 from executors.params import as_bool, as_flag, as_text, at_most_default, request_options, traverse, worker_threads
 
 logger = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ class CLIPImageEncoder(Executor):
                 if isinstance(doc, ImageInput):
                     doc.width, doc.height = width, height
                     if info is not None:
-                        doc.uri = doc.uri or info.uri
+                        doc.uri = doc.uri or _source_name(info.uri)
                         doc.content_hash = info.content_hash
                         doc.size = info.size
                         doc.mtime = doc.mtime if info.mtime is None else info.mtime
@@ -257,6 +258,13 @@ def _roots(roots) -> Optional[List[str]]:
     if isinstance(roots, str):
         roots = [r for r in roots.split(os.pathsep) if r]
     return [os.path.realpath(os.path.expanduser(os.fspath(r))) for r in roots]
+
+
+def _source_name(uri: str) -> str:
+    """The name a picture read from ``uri`` is stored under: a local file by its real path (so one file
+    reached by two paths is one entry), anything else as given."""
+    path = local_path(uri)
+    return path_uri(os.path.realpath(path)) if path is not None else uri
 
 
 def _describe(error: Exception) -> str:

@@ -89,14 +89,19 @@ class SimpleIndexer(Executor):
         self._check_writable("/index")
         options = request_options(self.defaults, parameters, REQUEST_OPTIONS)
         last_of_id = {doc.id: pos for pos, doc in enumerate(docs)}
+        last_of_uri = {_stored_uri(doc): pos for pos, doc in enumerate(docs) if _stored_uri(doc)}
         batch = []
         for pos, doc in enumerate(docs):
+            uri = _stored_uri(doc)
             if doc.error or doc.embedding is None:
                 doc.status = STATUS_FAILED
                 doc.error = doc.error or f"{doc.uri or doc.id}: no embedding to index"
             elif last_of_id[doc.id] != pos:
                 doc.status = STATUS_FAILED
                 doc.error = f"{doc.uri or doc.id}: duplicate id {doc.id} in this batch; the later document was indexed"
+            elif uri and last_of_uri[uri] != pos:
+                doc.status = STATUS_FAILED
+                doc.error = f"{uri}: the same picture twice in this batch; the later document was indexed"
             else:
                 batch.append(doc)
         by_model: Dict[Optional[str], list] = {}
@@ -269,8 +274,13 @@ def _id_list(value, name: str) -> list:
     raise ValueError(f"{name} must be a list of document ids, got {value!r}")
 
 
+def _stored_uri(doc: ImageInput) -> Optional[str]:
+    """The name a document is stored under (its ``uri``, else its ``url`` unless a data URI): one entry per name."""
+    return doc.uri or (str(doc.url) if doc.url and not str(doc.url).startswith("data:") else None)
+
+
 def _record(doc: ImageInput) -> Record:
-    return Record(id=doc.id, uri=doc.uri or (str(doc.url) if doc.url and not str(doc.url).startswith("data:") else None),
+    return Record(id=doc.id, uri=_stored_uri(doc),
                   tags=dict(doc.tags or {}), content_hash=doc.content_hash, mtime=doc.mtime, size=doc.size,
                   width=doc.width, height=doc.height)
 

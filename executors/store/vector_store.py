@@ -110,6 +110,7 @@ class VectorStore:
         self._capacity = 0
         self._write_dtype: Optional[str] = None
         self._generation: Optional[int] = None
+        self._epoch = 0  # of the rows in the current view: clear() starts a new epoch and reuses row numbers
         self._view: Optional[np.ndarray] = None
         self._live = np.zeros(0, dtype=bool)
         self._init_schema()
@@ -252,7 +253,8 @@ class VectorStore:
 
     def upsert(self, vectors: np.ndarray, records: Sequence[Record], model: Optional[str] = None, *,
                keep_indexed_at: bool = False) -> None:
-        """Add or replace ``records`` (ids unique within the call) with their ``vectors``.
+        """Add or replace ``records`` (ids and uris unique within the call) with their ``vectors``. A record
+        whose ``uri`` is already stored under another id replaces that entry: one entry per picture.
 
         Each row is stamped with the time of this write as its ``indexed_at``; with ``keep_indexed_at``
         a record that carries its own ``indexed_at`` keeps it (a restored snapshot keeps its times)."""
@@ -264,6 +266,9 @@ class VectorStore:
         ids = [r.id for r in records]
         if len(set(ids)) != len(ids):
             raise StoreError("ids must be unique within one upsert")
+        uris = [r.uri for r in records if r.uri]
+        if len(set(uris)) != len(uris):
+            raise StoreError("uris must be unique within one upsert")
         if not np.isfinite(vectors).all():
             raise StoreError("vectors contain NaN or infinity")
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -290,6 +295,9 @@ class VectorStore:
                     self._set_meta("dim", dim)
                 if model and not self.model:
                     self._set_meta("model", model)
+                # one entry per picture: a uri stored under another id is that entry, replaced by this one
+                self._db.executemany("DELETE FROM rows WHERE uri = ? AND id != ?",
+                                     [(r.uri, r.id) for r in records if r.uri])
                 self._db.executemany(
                     "INSERT INTO rows (row, id, uri, tags, content_hash, mtime, size, width, height, indexed_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET row=excluded.row, "
@@ -303,6 +311,9 @@ class VectorStore:
                 )
                 self._set_meta("high_water", high_water + n)
                 self._bump_generation()
+
+    def _epoch_on_disk(self) -> int:
+        return int(self._meta("epoch") or 0)
 
     def _bump_generation(self) -> None:
         self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
@@ -329,6 +340,8 @@ class VectorStore:
                 removed = self._db.execute("DELETE FROM rows").rowcount
                 self._db.execute("DELETE FROM meta WHERE key IN ('dim', 'model')")
                 self._set_meta("high_water", 0)
+                # row numbers start again at 0: a reader that mapped the rows before compares epochs
+                self._set_meta("epoch", self._epoch_on_disk() + 1)
                 self._bump_generation()
             # A fresh file replaces the old one; readers keep their map of the old one until they re-map.
             vectors_path = self._vectors_file(self.dtype)
@@ -352,6 +365,7 @@ class VectorStore:
             dim = self.dim
             dtype = self.dtype
             rows = np.fromiter((r for (r,) in self._db.execute("SELECT row FROM rows")), dtype=np.int64)
+            self._epoch = self._epoch_on_disk()
         live = np.zeros(high_water, dtype=bool)
         live[rows] = True
         view = None
@@ -368,8 +382,18 @@ class VectorStore:
         queries = queries / np.where(norms > 0, norms, 1).astype(np.float32)
         if limit < 1:
             raise StoreError(f"limit must be at least 1, got {limit}")
+        for _ in range(3):
+            try:
+                return self._search_once(queries, limit, min_score, where)
+            except _EpochChanged:
+                continue  # cleared while this search ran: its row numbers name other rows now; again on the new ones
+        raise StoreError(f"index at {self.path} was cleared three times during one search; retry")
+
+    def _search_once(self, queries: np.ndarray, limit: int, min_score: Optional[float],
+                     where: Optional[Mapping[str, Any]]) -> List[List[Tuple[Record, float]]]:
         with self._lock:
             view, live = self._refresh()
+            epoch = self._epoch
             if view is None:
                 return [[] for _ in queries]
             if queries.shape[1] != view.shape[1]:
@@ -382,7 +406,7 @@ class VectorStore:
                                  pool=self._scan_pool if self.scan_threads > 1 else None)
         results = []
         wanted = sorted({int(r) for r in rows.ravel() if r >= 0})
-        records = self._records_by_row(wanted)
+        records = self._records_by_row(wanted, epoch)
         for q_scores, q_rows in zip(scores, rows):
             hits = []
             for score, row in zip(q_scores, q_rows):
@@ -407,11 +431,17 @@ class VectorStore:
         mask[rows] = True
         return mask
 
-    def _records_by_row(self, rows: Sequence[int]) -> Dict[int, Record]:
+    def _records_by_row(self, rows: Sequence[int], epoch: Optional[int] = None) -> Dict[int, Record]:
+        """The records of these row numbers, read in one transaction; with ``epoch`` (that of the view the rows
+        were found in), _EpochChanged if the index was cleared since, so that the rows now name other pictures."""
         out: Dict[int, Record] = {}
-        for marks, part in _in_chunks(rows):
-            for row in self._db.execute(f"SELECT row, id, {', '.join(META_COLUMNS)} FROM rows WHERE row IN ({marks})", part):
-                out[row[0]] = _record(row[1:])
+        with self._transaction(immediate=False):
+            for marks, part in _in_chunks(rows):
+                for row in self._db.execute(f"SELECT row, id, {', '.join(META_COLUMNS)} FROM rows WHERE row IN ({marks})",
+                                            part):
+                    out[row[0]] = _record(row[1:])
+            if epoch is not None and self._epoch_on_disk() != epoch:
+                raise _EpochChanged()
         return out
 
     def get(self, ids: Sequence[str]) -> Dict[str, Record]:
@@ -426,13 +456,18 @@ class VectorStore:
         """Stored vectors of these ids, read from the map (missing ids are left out)."""
         ids = list(ids)
         with self._lock:
-            view, _ = self._refresh()
-            if view is None or not ids:
-                return {}
-            found = {}
-            for marks, part in _in_chunks(ids):
-                found.update(self._db.execute(f"SELECT id, row FROM rows WHERE id IN ({marks})", part).fetchall())
-            return {i: np.array(view[r], dtype=np.float32) for i, r in found.items() if r < len(view)}
+            for _ in range(3):
+                view, _ = self._refresh()
+                if view is None or not ids:
+                    return {}
+                found = {}
+                with self._transaction(immediate=False):
+                    for marks, part in _in_chunks(ids):
+                        found.update(self._db.execute(f"SELECT id, row FROM rows WHERE id IN ({marks})", part).fetchall())
+                    current = self._epoch_on_disk() == self._epoch  # else cleared since the map: rows are new
+                if current:
+                    return {i: np.array(view[r], dtype=np.float32) for i, r in found.items() if r < len(view)}
+            raise StoreError(f"index at {self.path} was cleared three times during one read; retry")
 
     def iter_records(self, batch: int = 1000) -> Iterable[Tuple[int, Record]]:
         """Every live (row, record), in row order."""
@@ -510,6 +545,10 @@ class VectorStore:
                 self._lock_fd = None
             self._view = None
             self._db.close()
+
+
+class _EpochChanged(Exception):
+    """The index was cleared between reading its rows and reading their records."""
 
 
 class _Transaction:

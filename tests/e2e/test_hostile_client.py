@@ -1,6 +1,8 @@
 """A plain jina Client, not clipseek's, tries to widen the server's limits and to write through the search flow."""
 
+import os
 import re
+import shutil
 
 import pytest
 from docarray import DocList
@@ -66,3 +68,23 @@ def test_the_search_flow_refuses_writes_and_never_locks_the_index(served, pictur
     assert len(hits) == 4
     with pytest.raises(ClipseekError, match="'limit': must be an integer from 1 to 10000"):
         client.search("a red circle", limit=10**9)
+
+
+def test_one_entry_per_picture_whatever_the_path_or_the_client(served, picture_dir, tmp_path):
+    settings, client = served
+    root, paths = picture_dir
+    client.clear()
+    os.symlink(root, root / "sub" / "loop")  # pictures/sub/loop -> pictures: a loop for a ** glob
+    os.symlink(paths[0], tmp_path / "alias.png")
+    report = client.index([str(root / "**" / "*.*"), str(tmp_path / "alias.png")])
+    assert sorted(report.indexed) == sorted(os.path.realpath(p) for p in paths), report.failed
+    assert client.status().count == len(paths)
+    # a plain jina Client posts a file with an id of its own; clipseek index of the same file replaces it
+    picture = str(tmp_path / "posted.png")
+    shutil.copy(paths[1], picture)
+    Client(host=settings.index_address).post("/index", DocList[ImageDoc]([ImageDoc(url=picture)]),
+                                             return_type=DocList[ImageDoc])
+    assert client.status().count == len(paths) + 1
+    assert client.index([picture], force=True).indexed == [picture]
+    assert client.status().count == len(paths) + 1
+    assert [d.uri for d in client.documents()].count(picture) == 1

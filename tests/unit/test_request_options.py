@@ -106,3 +106,13 @@ def test_a_read_only_indexer_never_writes_nor_locks(tmp_path):
 
 def test_request_options_ignore_names_of_other_executors():
     assert request_options({"limit": 10}, {"template": "a {}", "limit": 3.0}, {"limit": lambda v, d: int(v)}) == {"limit": 3}
+
+
+@pytest.mark.parametrize("threshold", ["1.5", "0", "0.2", "-1", "nan", "x"])
+def test_duplicates_threshold_out_of_range_is_a_usage_error(threshold, capsys):
+    from clipseek.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["duplicates", "--threshold", threshold])
+    assert exit_info.value.code == 2 and "--threshold: must be" in capsys.readouterr().err
+    assert build_parser().parse_args(["duplicates", "--threshold", "0.97"]).threshold == 0.97

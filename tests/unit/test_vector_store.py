@@ -674,3 +674,42 @@ def test_float16_garbage_past_high_water_is_ignored_and_truncation_reported(tmp_
         f.truncate(50 * DIM * 2)
     with pytest.raises(StoreError, match="damaged"):
         VectorStore(path)
+
+
+def test_a_uri_stored_under_another_id_is_replaced_not_added(store, rng):
+    """One entry per picture: a document posted with a random id and then with clipseek's id is one entry."""
+    first, second = rng.standard_normal((2, DIM)).astype(np.float32)
+    store.upsert(first[None], [Record(id="random-id", uri="/photos/cat.jpg")])
+    store.upsert(second[None], [Record(id="path-id", uri="/photos/cat.jpg")])
+    assert store.count == 1 and list(store.get(["random-id", "path-id"])) == ["path-id"]
+    hits = store.search(second, limit=5)[0]
+    assert [(r.id, r.uri) for r, _ in hits] == [("path-id", "/photos/cat.jpg")]
+    with pytest.raises(StoreError, match="uris must be unique within one upsert"):
+        store.upsert(np.stack([first, second]), [Record(id="a", uri="/x.png"), Record(id="b", uri="/x.png")])
+
+
+def test_a_reader_holding_the_rows_of_before_a_clear_never_pairs_them_with_new_pictures(tmp_path, rng):
+    """clear() starts row numbers again at 0: a search whose scan ran on the old rows must not name the new
+    picture that took an old row's number (it searches again on the new rows)."""
+    writer = VectorStore(str(tmp_path / "s"))
+    reader = VectorStore(str(tmp_path / "s"), read_only=True)
+    old, new = rng.standard_normal((2, 3, DIM)).astype(np.float32)
+    writer.upsert(old, [Record(id=f"old{i}", uri=f"/old{i}.png") for i in range(3)])
+    assert reader.search(old[0], limit=1)[0][0][0].id == "old0"
+    stale = reader._refresh()
+    writer.clear()
+    writer.upsert(new, [Record(id=f"new{i}", uri=f"/new{i}.png") for i in range(3)])
+    real_refresh, calls = reader._refresh, []
+
+    def refresh_as_of_before_the_clear():  # the clear lands between the reader's scan and its record read
+        calls.append(1)
+        return stale if len(calls) == 1 else real_refresh()
+
+    reader._refresh = refresh_as_of_before_the_clear
+    hits = reader.search(old[0], limit=3)[0]
+    assert {r.id for r, _ in hits} == {"new0", "new1", "new2"}  # the new rows, each with its own score
+    for record, score in hits:
+        want = float(new[int(record.id[-1])] @ old[0] / np.linalg.norm(new[int(record.id[-1])]) / np.linalg.norm(old[0]))
+        assert score == pytest.approx(want, abs=1e-5)
+    reader.close()
+    writer.close()
