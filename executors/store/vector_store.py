@@ -220,7 +220,11 @@ class VectorStore:
             os.close(self._write_fd)
             self._write_fd = None
         if self._write_fd is None:
-            self._write_fd = os.open(self._vectors_file(dtype), os.O_RDWR | os.O_CREAT, 0o600)
+            path = self._vectors_file(dtype)
+            created = not os.path.exists(path)
+            self._write_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            if created:  # the file's name reaches the disk before any row that needs it is committed
+                _sync_folder(self.path)
             self._write_dtype = dtype
             self._capacity = 0
         return self._write_fd
@@ -332,6 +336,37 @@ class VectorStore:
                     self._bump_generation()
             return deleted
 
+    def evict(self, ids: Sequence[str], uris: Sequence[str]) -> int:
+        """Remove the rows of these ids and of these uris (a shard dropping what another shard now owns)."""
+        ids, uris = list(ids), [u for u in uris if u]
+        if not ids and not uris:
+            return 0
+        with self._lock:
+            present = self._db.execute("SELECT 1 FROM rows LIMIT 1").fetchone()
+            if present is None:
+                return 0
+            removed = 0
+            found = [i for marks, part in _in_chunks(ids)
+                     for (i,) in self._db.execute(f"SELECT id FROM rows WHERE id IN ({marks})", part)]
+            found += [i for marks, part in _in_chunks(uris)
+                      for (i,) in self._db.execute(f"SELECT id FROM rows WHERE uri IN ({marks})", part)]
+            if found:
+                removed = self.delete(sorted(set(found)))
+            return removed
+
+    def check_shards(self, shard_id: int, shards: int) -> None:
+        """Record the shard layout this store belongs to (``shard_id`` of ``shards``), or StoreError if it
+        was written as part of another layout: a document's shard is a hash of its id over the number of
+        shards, so another number would look for each picture on the wrong shard."""
+        recorded = self._meta("shards")
+        have = int(recorded) if recorded else (1 if int(self._meta("high_water") or 0) else None)
+        if have is not None and have != shards:
+            raise StoreError(f"index at {self.path} was written by {have} shard(s); this flow runs {shards}. "
+                             f"Start it with --shards {have} (or index into a new workspace)")
+        if recorded is None and not self.read_only:
+            with self._transaction():
+                self._set_meta("shards", shards)
+
     def clear(self) -> int:
         """Remove every row, the dim and the model; the space on disk is given back."""
         with self._lock:
@@ -348,6 +383,7 @@ class VectorStore:
             tmp = vectors_path + ".new"
             os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600))
             os.replace(tmp, vectors_path)
+            _sync_folder(self.path)  # the empty file replaces the old one on disk before any new row is committed
             if self._write_fd is not None:
                 os.close(self._write_fd)
                 self._write_fd = None
@@ -564,6 +600,24 @@ class _Transaction:
         return False
 
 
+def recorded_shards(folder: str) -> Optional[int]:
+    """How many shards wrote the index whose shard folders (0, 1, ...) lie in ``folder``, as the first shard's
+    store records it (an index made before shards were recorded, holding rows: 1), or None for no index."""
+    db_path = os.path.join(folder, "0", DB_FILE)
+    if not os.path.exists(db_path):
+        return None
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30.0)
+    try:
+        meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('shards', 'high_water')").fetchall())
+    except sqlite3.DatabaseError:
+        return None  # the store reports a damaged index itself when it opens
+    finally:
+        db.close()
+    if meta.get("shards"):
+        return int(meta["shards"])
+    return 1 if int(meta.get("high_water") or 0) else None
+
+
 def storage_dtype_name(dtype: Any) -> str:
     """``float32`` or ``float16`` for any spelling of them (numpy dtypes too); anything else is refused."""
     return dtype_name(dtype, tuple(STORAGE), what="storage dtype", error=StoreError)
@@ -580,6 +634,16 @@ def _in_chunks(values: Sequence[Any], size: int = SQL_IN_CHUNK) -> Iterator[Tupl
 def _record(row: Sequence[Any]) -> Record:
     rid, uri, tags, content_hash, mtime, size, width, height, indexed_at = row
     return Record(rid, uri, json.loads(tags or "{}"), content_hash, mtime, size, width, height, indexed_at)
+
+
+def _sync_folder(folder: str) -> None:
+    """fsync a folder, so that the files created or renamed in it are on disk under their names (POSIX
+    promises a file's name is durable only once its folder is synced)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _make_private(folder: str) -> None:
