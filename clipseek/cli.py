@@ -183,14 +183,24 @@ def _client(args):
 
 
 def cmd_serve(args) -> int:
-    from executors.models.loading import DEFAULT_MODEL, ModelLoadError, check_model_available
-    from flows.serving import running_flows
+    from flows.serving import check_ports, workspace_lock
 
     settings = _settings(args)
     if settings.host != DEFAULT_HOST and not args.bind:
         print(f"refusing to listen on {settings.host}: pass --bind {settings.host} to serve beyond this machine",
               file=sys.stderr)
         return 2
+    web = bool(getattr(args, "web", False))
+    # One server per workspace, refused before anything slow; every port checked before the flows are built.
+    with workspace_lock(settings, web_port=settings.web_port if web else None):
+        check_ports(settings, web=web)
+        return _serve(args, settings)
+
+
+def _serve(args, settings: Settings) -> int:
+    from executors.models.loading import DEFAULT_MODEL, ModelLoadError, check_model_available
+    from flows.serving import running_flows
+
     model = settings.model or DEFAULT_MODEL
     try:
         check_model_available(model)

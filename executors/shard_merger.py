@@ -11,7 +11,7 @@ from typing import Dict, Optional
 from docarray import DocList
 from jina import Executor, requests
 
-from executors.docs import DuplicateGroup, Hit, IndexStatus, KeyDoc, TextQuery
+from executors.docs import DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, TextQuery
 from executors.params import MAX_LIMIT, as_int, request_options
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,15 @@ class ShardMerger(Executor):
             query.matches = DocList[Hit](sorted(best.values(), key=lambda m: (-m.score, m.id))[:limit])
             query.error = errors[0] if errors and len(errors) == len(answers) else None
             merged.append(query)
+        return merged
+
+    @requests(on="/index")
+    def index(self, docs: DocList[ImageInput], docs_matrix=None, **kwargs) -> DocList[ImageInput]:
+        """Every shard answers every document; the one that owns it (a hash of its id) set its status."""
+        answers = _shard_answers(docs, docs_matrix)
+        merged = DocList[ImageInput]()
+        for position, doc in enumerate(answers[0]):
+            merged.append(next((a[position] for a in answers if a[position].status), doc))
         return merged
 
     @requests(on="/classify")

@@ -3,6 +3,7 @@
 # No "from __future__ import annotations" in executor modules: jina reads the endpoint annotations as types.
 
 
+import hashlib
 import logging
 import os
 from typing import Dict, Optional
@@ -69,8 +70,15 @@ class SimpleIndexer(Executor):
         self.defaults = dict(limit=int(limit), min_score=min_score, filter=None, return_embeddings=bool(return_embeddings),
                              like=None, unlike=None, query_weight=float(query_weight), like_weight=float(like_weight),
                              unlike_weight=float(unlike_weight))
+        self.shard_id = int(getattr(self.runtime_args, "shard_id", 0) or 0)
+        self.shards = max(1, int(getattr(self.runtime_args, "shards", 1) or 1))
         self.store = VectorStore(self._resolve_dir(index_dir), chunk_rows=chunk_rows, dtype=storage_dtype,
                                  read_only=self.read_only)
+        try:
+            self.store.check_shards(self.shard_id, self.shards)
+        except StoreError:
+            self.store.close()
+            raise
         logger.info("index at %s: %d documents (%s)", self.store.path, self.store.count, self.store.dtype)
 
     def _resolve_dir(self, index_dir: Optional[str]) -> str:
@@ -104,6 +112,13 @@ class SimpleIndexer(Executor):
                 doc.error = f"{uri}: the same picture twice in this batch; the later document was indexed"
             else:
                 batch.append(doc)
+        if self.shards > 1:  # every shard sees every /index request; each keeps the documents it owns
+            others = [d for d in batch if shard_of(d.id, self.shards) != self.shard_id]
+            if others:  # an earlier copy here (another id for the same file, another layout) goes
+                self.store.evict([d.id for d in others], [_stored_uri(d) for d in others])
+            batch = [d for d in batch if shard_of(d.id, self.shards) == self.shard_id]
+            for doc in others:
+                doc.status = None  # answered by the owning shard (executors/shard_merger.py)
         by_model: Dict[Optional[str], list] = {}
         for doc in batch:
             by_model.setdefault(doc.embedding_model, []).append(doc)
@@ -257,6 +272,11 @@ class SimpleIndexer(Executor):
     def close(self) -> None:
         self.store.close()
         super().close()
+
+
+def shard_of(doc_id: str, shards: int) -> int:
+    """The shard that owns a document: a stable hash of its id (the same in every process and run)."""
+    return int.from_bytes(hashlib.sha1(doc_id.encode("utf-8", "surrogateescape")).digest()[:8], "big") % shards
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

@@ -8,15 +8,21 @@ dtype, batch size and workspace.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import json
 import logging
 import os
+import signal
 import socket
 import sys
-from typing import Any, Dict, Iterator, Optional, Tuple
+import threading
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import yaml
 
-from flows.settings import PROJECT_ROOT, Settings
+from flows.settings import PROJECT_ROOT, Settings, client_host
 
 logger = logging.getLogger(__name__)
 
@@ -126,37 +132,342 @@ def output_to(log_file: Optional[str]) -> Iterator[None]:
             os.environ["JINA_LOG_CONFIG"] = old_config
 
 
+# -- Processes that end with the server -----------------------------------------------------------
+#
+# jina forks a process for each gateway and executor and, left alone, these outlive a server killed
+# with SIGKILL: they keep the ports and the index. Each of them (and the flows' own process, when
+# they run in one) is told by the kernel when its parent dies (Linux's PR_SET_PDEATHSIG), and
+# watches its parent besides, where that is not available or the parent died before it was set.
+
+PR_SET_PDEATHSIG = 1
+# What an orphan gets: jina's runtimes stop on SIGTERM, and their executors close what they hold.
+ORPHAN_SIGNAL = signal.SIGTERM
+# An orphan still alive this long after its parent died is killed.
+ORPHAN_GRACE_S = 5.0
+PARENT_POLL_S = 0.5
+
+_prctl: Any = None
+_tie = {"depth": 0, "forking_pid": 0, "registered": False}
+_tie_lock = threading.Lock()
+
+
+def _libc_prctl():
+    """libc's prctl, or None off Linux or where it cannot be found."""
+    global _prctl
+    if _prctl is None:
+        _prctl = False
+        if sys.platform.startswith("linux"):
+            try:
+                _prctl = ctypes.CDLL(None, use_errno=True).prctl
+            except (OSError, AttributeError):
+                _prctl = False
+    return _prctl or None
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies; False where it cannot.
+
+    The kernel's "parent" is the thread that forked this process: that thread must live as long as
+    this process should (jina forks its gateways and executors from the thread that enters the flow)."""
+    prctl = _libc_prctl()
+    if prctl is None:
+        return False
+    return prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(int(sig)), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                 ctypes.c_ulong(0)) == 0
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """End this process soon after ``parent_pid``, its parent, dies, whatever kills it.
+
+    It gets ``ORPHAN_SIGNAL`` from the kernel (or, without prctl, from a thread that watches the
+    parent), and SIGKILL if it is still there ``ORPHAN_GRACE_S`` later. Returns whether prctl took."""
+    armed = set_parent_death_signal(ORPHAN_SIGNAL)
+    watcher = threading.Thread(target=_watch_parent, args=(parent_pid, armed), name="clipseek-parent-watch",
+                               daemon=True)
+    watcher.start()
+    if os.getppid() != parent_pid:  # the parent died before prctl: nothing will tell this process
+        os.kill(os.getpid(), ORPHAN_SIGNAL)
+    return armed
+
+
+def _watch_parent(parent_pid: int, signalled_by_kernel: bool) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    if not signalled_by_kernel:
+        os.kill(os.getpid(), ORPHAN_SIGNAL)
+    time.sleep(ORPHAN_GRACE_S)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _before_fork() -> None:
+    _tie["forking_pid"] = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    if _tie["depth"] > 0:
+        die_with_parent(_tie["forking_pid"])
+
+
 @contextlib.contextmanager
-def running_flows(settings: Settings, log_file: Optional[str] = None) -> Iterator[Tuple[Any, Any]]:
+def children_die_with_this_process() -> Iterator[None]:
+    """Every process forked from this one meanwhile, and from those in turn, ends when its parent does."""
+    with _tie_lock:
+        if not _tie["registered"] and hasattr(os, "register_at_fork"):
+            _libc_prctl()  # looked up once here, not in each child
+            os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+            _tie["registered"] = True
+        _tie["depth"] += 1
+    try:
+        yield
+    finally:
+        with _tie_lock:
+            _tie["depth"] -= 1
+
+
+# -- One server per workspace --------------------------------------------------------------------------
+
+LOCK_FILE = "clipseek-serve.lock"
+# After its server was killed, its flows' processes hold the workspace for a few more seconds.
+LOCK_WAIT_S = ORPHAN_GRACE_S + 5.0
+_held_workspaces: Dict[str, list] = {}
+
+
+class WorkspaceInUse(RuntimeError):
+    """Another server runs on this workspace."""
+
+
+def lock_path(workspace: str) -> str:
+    return os.path.join(os.path.realpath(workspace), LOCK_FILE)
+
+
+def workspace_owner(workspace: str) -> Optional[Dict[str, Any]]:
+    """What the server that last locked ``workspace`` wrote of itself (pid, host, ports), if anything."""
+    try:
+        with open(lock_path(workspace), encoding="utf-8") as f:
+            owner = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rpartition(")")[2].split()[:1]
+        return state not in (["Z"], ["X"])  # a zombie is dead, only not yet reaped
+    except OSError:
+        return True
+
+
+def _describe_owner(owner: Optional[Dict[str, Any]]) -> str:
+    if owner is None:
+        return "another server"
+    ports = [f"{name} port {owner[key]}" for key, name in (("index_port", "index"), ("search_port", "search"),
+                                                           ("web_port", "web")) if owner.get(key)]
+    return f"clipseek serve pid {owner['pid']}" + (f" ({', '.join(ports)})" if ports else "")
+
+
+@contextlib.contextmanager
+def workspace_lock(settings: Settings, web_port: Optional[int] = None, wait: float = LOCK_WAIT_S) -> Iterator[None]:
+    """This process is the one server of ``settings.workspace`` until the block ends.
+
+    An flock on the workspace's ``clipseek-serve.lock``, which also says who holds it (pid, host, ports).
+    The kernel drops the lock when the last process holding it dies (the processes forked meanwhile hold
+    it too), so a file left by a killed server blocks nobody. Raises WorkspaceInUse at once when a live
+    server holds it; waits up to ``wait`` seconds while only the processes of a dead one still do.
+    Re-entering it in the process that holds it is a no-op."""
+    import fcntl
+
+    path = lock_path(settings.workspace)
+    if path in _held_workspaces:
+        _held_workspaces[path][1] += 1
+        try:
+            yield
+        finally:
+            _held_workspaces[path][1] -= 1
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                owner = workspace_owner(settings.workspace)
+                waited = time.monotonic() - start
+                where = os.path.dirname(path)
+                if owner is not None and _alive(owner["pid"]) or owner is None and waited > min(wait, 2.0):
+                    raise WorkspaceInUse(f"workspace {where} is already served by {_describe_owner(owner)}; "
+                                         f"stop it first, or serve another --workspace") from None
+                if waited > wait:
+                    raise WorkspaceInUse(f"workspace {where} is still held by the processes of "
+                                         f"{_describe_owner(owner)}, which is gone; they did not exit "
+                                         f"in {wait:.0f} s") from None
+                time.sleep(0.1)  # being written, or a dead server's flows on their way out
+        owner = {"pid": os.getpid(), "host": settings.host, "index_port": settings.index_port,
+                 "search_port": settings.search_port, "web_port": web_port, "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner).encode() + b"\n", 0)
+        _held_workspaces[path] = [fd, 1]
+        try:
+            yield
+        finally:
+            del _held_workspaces[path]
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock, unless a child forked meanwhile still holds it
+
+
+# -- Ports ---------------------------------------------------------------------------------------------------
+
+
+class PortInUse(OSError):
+    """A port ``clipseek serve`` would listen on is taken."""
+
+
+def port_holder(port: int) -> Optional[Tuple[int, str]]:
+    """(pid, command line) of the process listening on TCP ``port`` on this machine, where it can be read
+    (Linux: /proc/net/tcp and the processes' open sockets; only processes this user may look into)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                        inodes.add(fields[9])
+        except (OSError, ValueError):
+            continue
+    inodes.discard("0")
+    if not inodes:
+        return None
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    try:
+        pids = sorted((int(name) for name in os.listdir("/proc") if name.isdigit()))
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
+                    break
+            except OSError:
+                continue
+        else:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            command = ""
+        return pid, command
+    return None
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no owner
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
+            raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # what jina itself checks before it starts
+        s.settimeout(1.0)
+        return s.connect_ex((client_host(host), port)) == 0
+
+
+def check_ports(settings: Settings, web: bool = False) -> None:
+    """Raise PortInUse, naming the port, the flag that moves it and who holds it, when a port of the
+    server is taken (or given twice): before the flows are built, instead of jina's error after."""
+    wanted: List[Tuple[int, str]] = [(settings.index_port, "--index-port"), (settings.search_port, "--search-port")]
+    if web:
+        wanted.append((settings.web_port, "--web-port"))
+    seen: Dict[int, str] = {}
+    for port, flag in wanted:
+        if port in seen:
+            raise PortInUse(f"port {port} is given to both {seen[port]} and {flag}; choose another with {flag}")
+        seen[port] = flag
+        if _port_taken(settings.host, port):
+            holder = port_holder(port)
+            by = "" if holder is None else f" by pid {holder[0]}" + (f" ({holder[1][:80]})" if holder[1] else "")
+            raise PortInUse(f"port {port} ({flag}) is in use{by}; stop it or choose another port with {flag}")
+
+
+def check_shards(settings: Settings) -> None:
+    """RuntimeError, before anything starts, when the workspace's index was written by another number of
+    shards than the flows would run (a picture's shard is a hash of its id over that number)."""
+    from executors.store.vector_store import recorded_shards
+
+    wanted = settings.shards or _yaml_shards(INDEX_FLOW)
+    have = recorded_shards(os.path.join(settings.workspace, "SimpleIndexer"))
+    if have is not None and have != wanted:
+        raise RuntimeError(f"the index in {settings.workspace} was written by {have} shard(s); these flows run "
+                           f"{wanted}. Start with --shards {have} (or index into a new --workspace)")
+
+
+def _yaml_shards(path: str) -> int:
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    return max([int(e.get("shards", 1)) for e in config.get("executors", []) if "shards" in e] or [1])
+
+
+@contextlib.contextmanager
+def running_flows(settings: Settings, log_file: Optional[str] = None, lock: bool = True) -> Iterator[Tuple[Any, Any]]:
     """Both flows started (index first: it creates the index the search flow opens), closed on exit.
 
     With ``log_file``, jina's and transformers' output while the flows start and stop, and everything
-    their processes write, go to that file instead of the console."""
-    with output_to(log_file):
-        preload()
-        index_flow, search_flow = build_flows(settings)
-    with contextlib.ExitStack() as stack:
+    their processes write, go to that file instead of the console. With ``lock``, this process holds the
+    workspace (``workspace_lock``) meanwhile. The gateways and executors jina forks end with this process,
+    however it ends; enter this from a thread that lives as long as the flows (the main thread)."""
+    with contextlib.ExitStack() as outer:
+        if lock:
+            outer.enter_context(workspace_lock(settings))
+        outer.enter_context(children_die_with_this_process())
+        check_shards(settings)
         with output_to(log_file):
-            stack.enter_context(index_flow)
-            stack.enter_context(search_flow)
-        logger.info("index flow on %s:%d, search flow on %s:%d", settings.host, settings.index_port,
-                    settings.host, settings.search_port)
-        try:
-            yield index_flow, search_flow
-        finally:
+            preload()
+            index_flow, search_flow = build_flows(settings)
+        with contextlib.ExitStack() as stack:
             with output_to(log_file):
-                stack.close()
+                stack.enter_context(index_flow)
+                stack.enter_context(search_flow)
+            logger.info("index flow on %s:%d, search flow on %s:%d", settings.host, settings.index_port,
+                        settings.host, settings.search_port)
+            try:
+                yield index_flow, search_flow
+            finally:
+                with output_to(log_file):
+                    stack.close()
 
 
 def _serve_until_stopped(settings: Settings, start_method: str, ready, stop, errors,
-                         log_file: Optional[str] = None) -> None:
+                         log_file: Optional[str] = None, parent_pid: Optional[int] = None, lock: bool = True) -> None:
     import multiprocessing
 
     try:
+        if parent_pid is not None:
+            die_with_parent(parent_pid)
         # A spawned process defaults to spawning its own children; jina starts the executors the way the
-        # parent would have (fork on Linux), from this process, which has no threads yet.
+        # parent would have (fork on Linux), from this process, which runs no threads yet but the (sleeping,
+        # lock-free) watch of its parent.
         multiprocessing.set_start_method(start_method, force=True)
-        with running_flows(settings, log_file):
+        with running_flows(settings, log_file, lock=lock):
             ready.set()
             stop.wait()
     except BaseException as e:  # reported to the parent, which raises it
@@ -169,7 +480,11 @@ def flows_in_subprocess(settings: Settings, timeout: float = 300.0, log_file: Op
 
     jina starts each executor by forking the process that enters the flow. A process that
     already runs threads of its own (torch's, gRPC's, a web server's) should not fork; this
-    starts the flows from a clean interpreter instead, as ``clipseek serve`` does.
+    starts the flows from a clean interpreter instead.
+
+    That process and the ones jina forks from it end with this one, however it ends (the kernel tells
+    them when the thread that called this exits: call it from one that outlives the flows). It holds
+    the workspace (``workspace_lock``), unless this process already does.
     """
     import multiprocessing
     import queue
@@ -177,8 +492,10 @@ def flows_in_subprocess(settings: Settings, timeout: float = 300.0, log_file: Op
 
     context = multiprocessing.get_context("spawn")
     ready, stop, errors = context.Event(), context.Event(), context.Queue()
+    lock = lock_path(settings.workspace) not in _held_workspaces
     process = context.Process(target=_serve_until_stopped,
-                              args=(settings, multiprocessing.get_start_method(), ready, stop, errors, log_file),
+                              args=(settings, multiprocessing.get_start_method(), ready, stop, errors, log_file,
+                                    os.getpid(), lock),
                               name="clipseek-flows")
     process.start()
     try:

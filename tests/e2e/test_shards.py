@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 
 from clipseek.demo import world
 from clipseek.client import ClipseekClient
@@ -44,3 +46,33 @@ def test_two_shards_give_the_same_top_k_as_one(tiny_model, tmp_path):
 
     per_shard = [VectorStore(str(tmp_path / "ws2" / "SimpleIndexer" / d)).count for d in shard_dirs]
     assert sum(per_shard) == 30 and min(per_shard) > 0, per_shard  # both shards hold part of the index
+
+
+def test_two_shards_keep_each_picture_once_and_refuse_another_layout(tiny_model, tmp_path):
+    """Re-indexed pictures land on the shard their id hashes to, whatever the request order: 24 files
+    indexed one request each, all rewritten, one added, all indexed again: 25 entries, not 49."""
+    from PIL import Image
+
+    folder = tmp_path / "pictures"
+    world.write_world(str(folder), n=24, seed=5)
+    workspace = str(tmp_path / "ws")
+    settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=tiny_model,
+                        device="cpu", workspace=workspace, shards=2)
+    with flows_in_subprocess(settings):
+        client = ClipseekClient(settings.index_address, settings.search_address)
+        files = sorted(str(p) for p in folder.iterdir() if p.suffix in (".jpg", ".png"))
+        for path in files:
+            assert client.index([path]).indexed
+        for i, path in enumerate(files):  # every picture changes
+            Image.open(path).convert("RGB").rotate(90 + i).save(path)
+        Image.new("RGB", (64, 64), (10, 200, 10)).save(folder / "new.png")
+        for path in [*files, str(folder / "new.png")]:
+            assert client.index([path]).indexed
+        assert client.status().count == 25
+        ids = [d.id for d in client.documents()]
+        assert len(ids) == len(set(ids)) == 25
+        assert client.delete(ids[:3]) == 3 and client.status().count == 22
+    settings.shards, settings.index_port, settings.search_port = 3, free_port(), free_port()
+    with pytest.raises(RuntimeError, match=r"written by 2 shard\(s\); these flows run 3. Start with --shards 2"):
+        with flows_in_subprocess(settings, timeout=120):
+            pass
