@@ -423,7 +423,12 @@ def cmd_snapshot(args) -> int:
             store.close()
         print(f"wrote {args.file}: {manifest['count']} documents, {manifest['dim']}-d, model {manifest['model']}")
     else:
-        manifest = snapshot.restore(args.file, folder)
+        from flows.serving import workspace_lock
+
+        settings = _settings(args)
+        # a server of this workspace holds it, even one whose search flow never writes (no writer lock)
+        with workspace_lock(settings, wait=2.0):
+            manifest = snapshot.restore(args.file, folder)
         print(f"restored {manifest['count']} documents (model {manifest['model']}) into {folder}")
     return 0
 

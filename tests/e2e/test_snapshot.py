@@ -340,3 +340,24 @@ def test_a_kill_at_any_step_leaves_one_whole_index(tmp_path, step, survivor):
     assert back.count == 200 and _top(back, new_vectors) == new_top
     back.close()
     assert _siblings(folder) == []
+
+
+def test_cli_restore_is_refused_while_a_server_holds_the_workspace(tmp_path):
+    """A running server refuses the restore even before it has written (its search flow takes no writer lock)."""
+    from flows.serving import workspace_lock
+    from flows.settings import Settings
+
+    workspace = tmp_path / "ws"
+    store, _ = _fill(workspace / "SimpleIndexer" / "0")
+    store.close()
+    reader = VectorStore(str(workspace / "SimpleIndexer" / "0"))
+    snapshot.create(reader, str(tmp_path / "s.zip"))
+    reader.close()
+    env = {**os.environ, "CLIPSEEK_WORKSPACE": str(workspace)}
+    with workspace_lock(Settings(workspace=str(workspace), index_port=51700, search_port=51701)):
+        refused = subprocess.run([sys.executable, "-m", "clipseek.cli", "snapshot", "restore", str(tmp_path / "s.zip")],
+                                 capture_output=True, text=True, env=env, cwd=ROOT)
+    assert refused.returncode != 0 and f"pid {os.getpid()}" in refused.stderr and "index port 51700" in refused.stderr
+    done = subprocess.run([sys.executable, "-m", "clipseek.cli", "snapshot", "restore", str(tmp_path / "s.zip")],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
