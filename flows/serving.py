@@ -409,6 +409,18 @@ def check_ports(settings: Settings, web: bool = False) -> None:
             raise PortInUse(f"port {port} ({flag}) is in use{by}; stop it or choose another port with {flag}")
 
 
+@contextlib.contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    """``name``'s logger at ``level`` or finer meanwhile (the processes forked meanwhile keep it)."""
+    log = logging.getLogger(name)
+    before = log.level
+    log.setLevel(min(level, log.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
 def check_shards(settings: Settings) -> None:
     """RuntimeError, before anything starts, when the workspace's index was written by another number of
     shards than the flows would run (a picture's shard is a hash of its id over that number)."""
@@ -440,6 +452,8 @@ def running_flows(settings: Settings, log_file: Optional[str] = None, lock: bool
             outer.enter_context(workspace_lock(settings))
         outer.enter_context(children_die_with_this_process())
         check_shards(settings)
+        if log_file:  # the executors' own account (the model, its precision and why) goes to the log file
+            outer.enter_context(_logger_level("executors", logging.INFO))
         with output_to(log_file):
             preload()
             index_flow, search_flow = build_flows(settings)

@@ -2,6 +2,7 @@
 frees its ports; one server per workspace; a port in use is one line naming the flag that moves it."""
 
 import json
+import re
 import os
 import signal
 import socket
@@ -237,6 +238,9 @@ def test_sigkill_of_serve_ends_its_flows_and_a_restart_works(tiny_model, tmp_pat
     try:
         status = _run(["status", "--json"], env, timeout=60)
         assert status.returncode == 0 and json.loads(status.stdout)["count"] == 0, status.stdout + status.stderr
+        # the precision auto picked for each tower, and why, is in the workspace's log without -v
+        log = (tmp_path / "ws" / "clipseek.log").read_text(errors="replace")
+        assert re.search(r"loaded clip model \S+ on cpu in (float32|bfloat16|int8) \(auto on cpu", log), log[-2000:]
     finally:
         assert server.stop() == 0
         _kill_group(server.proc.pid)
