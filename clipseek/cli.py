@@ -218,7 +218,7 @@ def _serve(args, settings: Settings) -> int:
             from clipseek.client import ClipseekClient
             from clipseek.web import create_app, serve_in_thread
 
-            app = create_app(ClipseekClient(settings.index_address, settings.search_address))
+            app = create_app(ClipseekClient(settings.index_address, settings.search_address), allowed_roots=settings.allowed_roots)
             web = serve_in_thread(app, settings.host, settings.web_port)  # ClipseekError if the port is taken
         print(f"clipseek: ready. index flow grpc://{settings.host}:{settings.index_port}, "
               f"search flow grpc://{settings.host}:{settings.search_port}, "

@@ -21,7 +21,8 @@ from docarray import DocList
 
 from executors.docs import (STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, QueryPart, TextQuery,
                             has_image)
-from executors.images.imaging import URL_PREFIXES, content_hash, is_image_file, local_path, path_uri, uri_id
+from executors.images.imaging import (URL_PREFIXES, content_hash, is_image_file, local_path, not_a_regular_file,
+                                      path_uri, uri_id)
 from flows.settings import DEFAULT_REQUEST_SIZE, Settings
 from flows.transport import GrpcTransport, TransportError
 
@@ -169,6 +170,9 @@ class ClipseekClient:
                 st = os.stat(path) if path is not None else None
             except OSError as e:
                 report.failed.append((source, f"cannot read ({e.strerror})"))
+                continue
+            if st is not None and not_a_regular_file(st.st_mode):  # a FIFO or device would block the read
+                report.failed.append((source, not_a_regular_file(st.st_mode)))
                 continue
             if known is not None and _unchanged(known, path, st):
                 report.unchanged.append(source)

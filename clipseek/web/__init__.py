@@ -1,7 +1,14 @@
 """A small web page for searching the index, served next to the flows by ``clipseek serve --web``.
 
 Every request goes through one :class:`clipseek.client.ClipseekClient`: the page has no other way
-to the flows or to the disk. Thumbnails are read only from the uri stored for an indexed id.
+to the flows or to the disk. Thumbnails are read only from the uri stored for an indexed id, by the
+encoder's read rule (``read_local``: the allowed roots checked on the real path when the file is opened,
+regular files only, size-bounded), and served only when the file's content hash is the one stored
+for that id: a picture indexed from bytes is never served from a path it merely names.
+
+The page answers only requests whose ``Host`` is the address it serves (DNS rebinding), and refuses
+cross-site POSTs (``Origin``, ``Sec-Fetch-Site``) and cross-site reads of its API. Every request body
+is read with a cap.
 
     from clipseek.client import ClipseekClient
     from clipseek.web import create_app, serve_in_thread
@@ -12,15 +19,17 @@ to the flows or to the disk. Thumbnails are read only from the uri stored for an
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import urllib.parse
 from importlib.resources import files
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -28,13 +37,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from executors.images.imaging import local_path
+from executors.images.imaging import ImageError, content_hash, local_path, read_local
 from clipseek.client import ClipseekClient, ClipseekError
 from flows.settings import client_host
 
 logger = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_JSON_BYTES = 2**20  # a search request: a text, a filter and lists of result ids
 MAX_LIMIT = 100
 THUMB_SIZE = 256
 THUMB_MAX_FILE_BYTES = 100 * 2**20
@@ -54,10 +64,27 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(client: ClipseekClient, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
-    """The page (``GET /``) and the JSON API it uses, all answered through ``client``."""
+def create_app(client: ClipseekClient, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               allowed_roots: Optional[Sequence[str]] = None, host: Optional[str] = None, port: Optional[int] = None,
+               allowed_hosts: Sequence[str] = (), max_json_bytes: int = MAX_JSON_BYTES) -> FastAPI:
+    """The page (``GET /``) and the JSON API it uses, all answered through ``client``.
+
+    ``allowed_roots``: the folders thumbnails may be read from (None: anywhere), as the index flow's
+    ``--allow-root``. ``host`` and ``port``: where the page is served (``serve_in_thread`` sets them);
+    requests naming another ``Host`` are refused, except the names in ``allowed_hosts``."""
     app = FastAPI(title="clipseek", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()  # one request at a time through the client's gRPC connections
+    app.state.clipseek_address = (host, port)
+    app.state.clipseek_hosts = tuple(h.lower() for h in allowed_hosts)
+    roots = None if allowed_roots is None else [os.path.realpath(os.path.expanduser(os.fspath(r))) for r in allowed_roots]
+
+    @app.middleware("http")
+    async def _same_site_only(request: Request, call_next):
+        refusal = _refusal(request, *app.state.clipseek_address, app.state.clipseek_hosts)
+        if refusal:
+            logger.warning("refused %s %s: %s", request.method, request.url.path, refusal)
+            return _error(403, refusal)
+        return await call_next(request)
 
     def call(method, *args, **kwargs):
         with lock:
@@ -87,8 +114,10 @@ def create_app(client: ClipseekClient, *, max_upload_bytes: int = MAX_UPLOAD_BYT
 
     @app.post("/api/search")
     async def search(request: Request) -> JSONResponse:
+        raw = await _read_body(request, max_json_bytes, WebError(
+            413, f"the search request is larger than {max_json_bytes} bytes"))
         try:
-            body = json.loads(await request.body() or b"{}")
+            body = json.loads(raw or b"{}")
         except (ValueError, UnicodeDecodeError) as e:
             raise WebError(400, f"the request body is not valid JSON ({e})")
         if not isinstance(body, dict):
@@ -125,16 +154,86 @@ def create_app(client: ClipseekClient, *, max_upload_bytes: int = MAX_UPLOAD_BYT
             raise WebError(502, str(e))
         if not found or not found[0].uri:
             raise WebError(404, f"no indexed picture with id {doc_id}")
-        uri = found[0].uri
+        record = found[0]
+        uri = record.uri
         if uri.startswith(("http://", "https://")):
             return RedirectResponse(uri, status_code=307)
         path = local_path(uri)
         if path is None:  # data: URIs are not kept whole
             raise WebError(404, f"picture {doc_id} has no file to show")
-        return Response(_thumbnail(path, doc_id), media_type="image/jpeg",
-                        headers={"Cache-Control": "private, max-age=300"})
+        return Response(_thumbnail(uri, path, doc_id, record.content_hash, roots), media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=300", "Cross-Origin-Resource-Policy": "same-origin"})
 
     return app
+
+
+# ---- who may ask ------------------------------------------------------------------------------
+_LOOPBACK_NAMES = ("localhost",)
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _split_host(value: str) -> Tuple[str, Optional[int]]:
+    """(name, port or None) of a Host header or an Origin's netloc: ``name``, ``name:port``, ``[v6]:port``."""
+    value = value.strip()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        name, _, port = value.partition(":")
+    else:
+        name, port = value, ""
+    if port and not port.isdigit():
+        raise ValueError(value)
+    return name.lower().rstrip("."), (int(port) if port else None)
+
+
+def _ip(name: str):
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+def _host_allowed(value: str, host: Optional[str], port: Optional[int], extra: Sequence[str]) -> bool:
+    """Whether a Host header names this page: a loopback form (localhost, 127.0.0.1, [::1]) or the host it
+    is served on, on its own port. A page bound to every interface also answers its machine's name and any
+    IP address (an address in the URL bar is never a rebound name); ``extra`` names more hosts."""
+    try:
+        name, given_port = _split_host(value)
+    except ValueError:
+        return False
+    if port is not None and (given_port or 80) != port:
+        return False
+    ip = _ip(name)
+    if name in _LOOPBACK_NAMES or (ip is not None and ip.is_loopback) or name in extra:
+        return True
+    if host is None:
+        return False
+    served = host.lower().strip("[]")
+    if served in _WILDCARDS:
+        return ip is not None or name == socket.gethostname().lower()
+    served_ip = _ip(served)
+    return name == served or (ip is not None and served_ip is not None and ip == served_ip)
+
+
+def _refusal(request: Request, host: Optional[str], port: Optional[int], extra: Sequence[str]) -> Optional[str]:
+    """Why a request is refused (403), or None. A Host that is not this page's is another site's page
+    reaching it through a rebound DNS name; a POST from another origin, or any cross-site read of the
+    API, is another site's page using the browser that visits it."""
+    host_header = request.headers.get("host")
+    if not host_header or not _host_allowed(host_header, host, port, extra):
+        return (f"refused: the Host header {host_header!r} is not an address this page is served on "
+                f"({'port ' + str(port) if port else 'its own port'} of localhost, 127.0.0.1, [::1] or {host or 'its host'})")
+    site = (request.headers.get("sec-fetch-site") or "").lower()
+    unsafe = request.method not in ("GET", "HEAD", "OPTIONS")
+    if site not in ("", "same-origin", "none") and (unsafe or request.url.path.startswith("/api/")):
+        return f"refused: a {site} request (Sec-Fetch-Site); this page answers its own requests only"
+    origin = request.headers.get("origin")
+    if unsafe and origin is not None:
+        parsed = urllib.parse.urlparse(origin)
+        if parsed.scheme not in ("http", "https") or parsed.netloc.lower() != host_header.strip().lower():
+            return f"refused: a request from another origin ({origin}); this page answers its own requests only"
+    return None
 
 
 # ---- request parts --------------------------------------------------------------------------
@@ -191,14 +290,8 @@ def _hit_json(hit) -> Dict[str, Any]:
             "thumb": f"/api/thumb/{urllib.parse.quote(hit.id, safe='')}"}
 
 
-async def _read_upload(request: Request, max_bytes: int):
-    """(file bytes, limit) of a multipart upload; 413 past ``max_bytes``, 400 for anything malformed.
-
-    The body is read here with a cap, before any parsing: an oversized upload is never kept whole."""
-    from starlette.requests import Request as StarletteRequest
-
-    too_large = WebError(413, f"the upload is larger than {max_bytes / 2**20:g} MiB; pick a smaller picture")
-    cap = max_bytes + 64 * 1024  # room for the multipart headers and the other fields
+async def _read_body(request: Request, cap: int, too_large: WebError) -> bytes:
+    """The request body, at most ``cap`` bytes; ``too_large`` past that, before the body is kept whole."""
     length = request.headers.get("content-length", "")
     body = bytearray()
     over = length.isdigit() and int(length) > cap
@@ -215,6 +308,17 @@ async def _read_upload(request: Request, max_bytes: int):
             over, body = True, bytearray()
     if over:
         raise too_large
+    return bytes(body)
+
+
+async def _read_upload(request: Request, max_bytes: int):
+    """(file bytes, limit) of a multipart upload; 413 past ``max_bytes``, 400 for anything malformed.
+
+    The body is read here with a cap, before any parsing: an oversized upload is never kept whole."""
+    from starlette.requests import Request as StarletteRequest
+
+    too_large = WebError(413, f"the upload is larger than {max_bytes / 2**20:g} MiB; pick a smaller picture")
+    body = await _read_body(request, max_bytes + 64 * 1024, too_large)  # room for the multipart headers and fields
 
     async def replay():
         return {"type": "http.request", "body": bytes(body), "more_body": False}
@@ -248,17 +352,22 @@ def _check_image(data: bytes) -> None:
         raise WebError(400, f"the upload is not a readable image ({e})") from None
 
 
-def _thumbnail(path: str, doc_id: str) -> bytes:
-    from executors.images.imaging import ImageError, decode_image
+def _thumbnail(uri: str, path: str, doc_id: str, indexed_hash: Optional[str], roots: Optional[List[str]]) -> bytes:
+    """A JPEG thumbnail of the file at ``path``, read as the encoder reads it and served only if its content
+    hash is the one stored for ``doc_id`` (the hash of the very bytes that were embedded)."""
+    from executors.images.imaging import decode_image
 
     try:
-        if os.path.getsize(path) > THUMB_MAX_FILE_BYTES:
-            raise WebError(404, f"picture {doc_id} is too large to preview")
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_local(uri, path, max_bytes=THUMB_MAX_FILE_BYTES, allowed_roots=roots, cap_flag=None).data
+    except ImageError as e:
+        logger.warning("thumbnail of %s not served: %s", doc_id, e)
+        raise WebError(404, f"picture {doc_id} is not readable by this server") from None
+    if not indexed_hash or content_hash(data) != indexed_hash:
+        logger.warning("thumbnail of %s not served: %s is not the picture that was indexed under that id", doc_id, uri)
+        raise WebError(404, f"picture {doc_id}: the file at its path is not the picture that was indexed "
+                            f"(changed since, or indexed from bytes it sent); index it again to preview it")
+    try:
         img = decode_image(data, doc_id, draft_size=THUMB_SIZE, max_megapixels=100)
-    except OSError:
-        raise WebError(404, f"picture {doc_id} is no longer readable on the server") from None
     except ImageError:
         raise WebError(404, f"picture {doc_id} cannot be decoded") from None
     img.thumbnail((THUMB_SIZE, THUMB_SIZE))
@@ -275,6 +384,9 @@ class WebServer:
         import uvicorn
 
         self.host, self.port = host, port
+        # the page answers requests for the address it is served on (create_app's host and port, if unset)
+        known_host, known_port = getattr(app.state, "clipseek_address", (None, None))
+        app.state.clipseek_address = (host if known_host is None else known_host, port if known_port is None else known_port)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", loop="asyncio",
                                 lifespan="off", access_log=False)
         self.server = uvicorn.Server(config)

@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import io
 import os
+import stat
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -34,7 +35,7 @@ try:  # HEIC / HEIF from phones; AVIF is read by Pillow itself
 except ImportError:  # pragma: no cover - the lock installs it
     pillow_heif = None
 
-# Pillow refuses images above this many pixels with DecompressionBombError (2x its warning level).
+# Pillow's warning level; it refuses images above twice this many pixels with DecompressionBombError (decode_ceiling).
 MAX_IMAGE_PIXELS = 89_478_485
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
@@ -176,48 +177,119 @@ def check_allowed_root(uri: str, path: str, allowed_roots: Optional[Sequence[str
 
     Both sides go through ``os.path.realpath``, so neither ``..`` nor a symlink leads out of a root."""
     real = os.path.realpath(path)
-    if allowed_roots is None:
+    if allowed_roots is None or _under_roots(real, allowed_roots):
         return real
+    raise _outside_roots(uri)
+
+
+def _under_roots(real: str, allowed_roots: Sequence[str]) -> bool:
     for root in allowed_roots:
         root_real = os.path.realpath(os.path.expanduser(os.fspath(root)))
         try:
             if os.path.commonpath([root_real, real]) == root_real:
-                return real
+                return True
         except ValueError:
             continue
-    raise ImageError(f"{uri}: refused: the path is outside the folders this server may read "
-                     f"(its allowed roots, set with --allow-root or CLIPSEEK_ALLOWED_ROOTS)")
+    return False
+
+
+def _outside_roots(uri: str) -> ImageError:
+    return ImageError(f"{uri}: refused: the path is outside the folders this server may read "
+                      f"(its allowed roots, set with clipseek serve --allow-root or CLIPSEEK_ALLOWED_ROOTS)")
+
+
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def not_a_regular_file(mode: int) -> Optional[str]:
+    """Why a file of this ``st_mode`` is not read ("is a named pipe (FIFO), not a regular file"), or None
+    for a regular file. Only regular files are read: a pipe or a device would block or never end."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a file")
+    return f"is {kind}, not a regular file"
+
+
+def _opened_path(fd: int) -> Optional[str]:
+    """The path the kernel holds for an open file descriptor (Linux /proc), or None where there is none."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def read_local(uri: str, path: str, *, max_bytes: int = 50 * 2**20, allowed_roots: Optional[Sequence[str]] = None,
+               cap_flag: Optional[str] = "clipseek serve --max-download-bytes") -> SourceInfo:
+    """The bytes of the local file ``path`` (named ``uri`` in errors): a regular file only, at most ``max_bytes``.
+
+    With ``allowed_roots`` the real path (symlinks resolved) must lie under one of them, checked before the
+    file is opened and again on the file that was opened (its path as the kernel holds it), so a symlink
+    swapped in between does not lead out. The file is opened without blocking and checked with fstat: a
+    named pipe, a device or a socket is refused, never read. At most ``max_bytes`` + 1 bytes are read,
+    whatever the file's size says (a file that grows, or one in /proc that reports 0). ``cap_flag``, if
+    given, is named in the error for a file over the cap: the setting that moves it."""
+    where = f" ({cap_flag})" if cap_flag else ""
+    target = path
+    if allowed_roots is not None:
+        target = check_allowed_root(uri, path, allowed_roots)
+    fd = -1
+    try:
+        why = not_a_regular_file(os.stat(target).st_mode)  # before opening: a device is not even opened
+        if why:
+            raise ImageError(f"{uri}: {why}")
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+        if allowed_roots is not None:
+            flags |= getattr(os, "O_NOFOLLOW", 0)  # the real path has no symlink left; one swapped in is refused
+        fd = os.open(target, flags)
+        st = os.fstat(fd)
+        why = not_a_regular_file(st.st_mode)
+        if why:
+            raise ImageError(f"{uri}: {why}")
+        if allowed_roots is not None:
+            opened = _opened_path(fd)
+            if opened is not None and not _under_roots(opened, allowed_roots):
+                raise _outside_roots(uri)
+        if st.st_size > max_bytes:
+            raise ImageError(f"{uri}: file is {st.st_size} bytes, over the {max_bytes}-byte cap{where}")
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_bytes:
+            raise ImageError(f"{uri}: file is over the {max_bytes}-byte cap{where}")
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{uri}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{uri}: is a directory, not a regular file") from None
+    except PermissionError:
+        raise ImageError(f"{uri}: permission denied") from None
+    except OSError as e:
+        raise ImageError(f"{uri}: cannot read ({e.strerror or e})") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return SourceInfo(uri=uri, data=b"".join(chunks), mtime=st.st_mtime, size=total)
 
 
 def read_source(uri: str, *, timeout: float = 10.0, max_bytes: int = 50 * 2**20, allow_private: bool = False,
                 allowed_roots: Optional[Sequence[str]] = None) -> SourceInfo:
     """Read the bytes behind a path, file URI, http(s) URL or data URI.
 
-    A local path is read only if it resolves under one of ``allowed_roots`` (None: no restriction).
+    A local path is read by ``read_local``: a regular file only, at most ``max_bytes``, and only if it
+    resolves under one of ``allowed_roots`` (None: no restriction) when it is opened.
     An http(s) URL is fetched through ``executors.images.netguard.fetch_url``: redirects checked at every hop,
     and unless ``allow_private`` no host that resolves to a loopback, private or link-local address."""
     if uri.startswith("data:"):
         return SourceInfo(uri=uri[:64], data=_read_data_uri(uri))
     path = local_path(uri)
     if path is not None:
-        path = check_allowed_root(uri, path, allowed_roots) if allowed_roots is not None else path
-        try:
-            st = os.stat(path)
-            if st.st_size > max_bytes:
-                raise ImageError(f"{uri}: file is {st.st_size} bytes, over the {max_bytes}-byte cap")
-            with open(path, "rb") as f:
-                data = f.read()
-        except ImageError:
-            raise
-        except FileNotFoundError:
-            raise ImageError(f"{uri}: no such file") from None
-        except IsADirectoryError:
-            raise ImageError(f"{uri}: is a directory, not an image file") from None
-        except PermissionError:
-            raise ImageError(f"{uri}: permission denied") from None
-        except OSError as e:
-            raise ImageError(f"{uri}: cannot read ({e.strerror or e})") from None
-        return SourceInfo(uri=uri, data=data, mtime=st.st_mtime, size=st.st_size)
+        return read_local(uri, path, max_bytes=max_bytes, allowed_roots=allowed_roots)
     scheme = urllib.parse.urlparse(uri).scheme.lower()
     if scheme not in ("http", "https"):
         raise ImageError(f"{uri}: unsupported URL scheme {scheme!r} (use a path, file://, http(s):// or data:)")
@@ -248,7 +320,8 @@ def decode_image(data: bytes, name: str = "image", *, draft_size: Optional[int] 
     that many pixels on its short side: much faster for big photos, slightly different pixels.
     A reduced image carries the upright full-scale (width, height) as ``original_size``.
     ``max_megapixels`` bounds what is decoded: a bigger JPEG is decoded at a reduced scale
-    that fits, any other bigger image is refused before its pixels are read.
+    that fits, any other bigger image is refused before its pixels are read. Whatever it says,
+    nothing over ``decode_ceiling()`` pixels is decoded (Pillow's decompression-bomb guard).
     """
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes)")
@@ -258,14 +331,14 @@ def decode_image(data: bytes, name: str = "image", *, draft_size: Optional[int] 
         if max_megapixels and full_size[0] * full_size[1] > max_megapixels * 1e6:
             if img.format != "JPEG":
                 raise ImageError(f"{name}: {full_size[0]}x{full_size[1]} is {full_size[0] * full_size[1] / 1e6:.1f} "
-                                 f"megapixels, over the limit of {max_megapixels:g}")
+                                 f"megapixels, over the limit of {max_megapixels:g} (clipseek serve --max-megapixels)")
             # the largest JPEG decoding scale (1/2, 1/4, 1/8) whose pixels fit the limit
             scale = next((f for f in (0.5, 0.25, 0.125)
                           if full_size[0] * f * full_size[1] * f <= max_megapixels * 1e6), 0.125)
             img.draft("RGB", (int(-(-full_size[0] * scale // 1)), int(-(-full_size[1] * scale // 1))))
             if img.size[0] * img.size[1] > max_megapixels * 1e6:  # 1/8 is the smallest JPEG scale
-                raise ImageError(f"{name}: {full_size[0]}x{full_size[1]} cannot be decoded within "
-                                 f"{max_megapixels:g} megapixels")
+                raise ImageError(f"{name}: {full_size[0]}x{full_size[1]} cannot be decoded within the limit of "
+                                 f"{max_megapixels:g} megapixels (clipseek serve --max-megapixels)")
         elif draft_size and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()
@@ -278,15 +351,24 @@ def decode_image(data: bytes, name: str = "image", *, draft_size: Optional[int] 
     except ImageError:
         raise
     except Image.DecompressionBombError:
-        raise ImageError(f"{name}: image too large (over {MAX_IMAGE_PIXELS} pixels)") from None
+        ceiling = decode_ceiling()
+        raise ImageError(f"{name}: image too large (over {ceiling} pixels, {ceiling / 1e6:.1f} megapixels: the most "
+                         f"this server decodes; clipseek serve --max-megapixels can lower that, not raise it)") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: cannot decode image ({e})") from None
 
 
+def decode_ceiling() -> Optional[int]:
+    """The most pixels any image may have to be decoded: Pillow raises DecompressionBombError above twice
+    its ``Image.MAX_IMAGE_PIXELS`` (and only warns between once and twice). None: no ceiling."""
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB view of any PIL mode; transparent areas become white."""
+    """RGB view of any PIL mode; transparent areas become white. 16- and 32-bit grayscale becomes 8 bits
+    per channel a band of rows at a time (``to_8bit``), never a float copy of the whole picture."""
     if img.mode == "RGB":
         return img
     if img.mode == "P" and "transparency" in img.info:
@@ -295,11 +377,37 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGB", img.size, (255, 255, 255))
         background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
         return background
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() or 1.0
-        return Image.fromarray((arr * (255.0 / max(hi, 255.0 if hi <= 255 else 65535.0))).astype(np.uint8)).convert("RGB")
+    if img.mode in HIGH_BIT_MODES:
+        return to_8bit(img).convert("RGB")
     return img.convert("RGB")
+
+
+# Grayscale modes of more than 8 bits per pixel that to_8bit narrows.
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_BAND_PIXELS = 1 << 18  # pixels converted at a time: a few MB of temporaries whatever the picture's size
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A 16- or 32-bit grayscale image (``HIGH_BIT_MODES``) as an 8-bit "L" image.
+
+    Values that fit in 8 bits are kept; otherwise the 16-bit range (or, for larger 32-bit values, the
+    image's maximum) maps onto 0..255, rounding down. Converted a band of rows at a time with integer
+    arithmetic, so what it holds besides the picture is the 8-bit result and one band."""
+    width, height = img.size
+    low, high = img.getextrema()
+    divisor = 255 if high <= 255 else (65535 if high <= 65535 else int(high))
+    work = np.uint32 if img.mode != "I" else np.int64  # 65535 * 255 fits in 32 bits; 32-bit values need 64
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        band = np.asarray(img.crop((0, top, width, min(height, top + rows)))).astype(work)
+        if low < 0:
+            np.maximum(band, 0, out=band)
+        if divisor != 255:
+            band *= 255
+            band //= divisor
+        out[top : top + band.shape[0]] = band
+    return Image.fromarray(out, "L")
 
 
 def array_to_image(arr: np.ndarray, name: str = "tensor") -> Image.Image:

@@ -3,8 +3,11 @@
 By default a URL whose host resolves to a loopback, private, link-local, multicast or
 reserved address is refused (server-side request forgery); every redirect is followed by
 hand, at most ``max_redirects`` times, and checked the same way. Downloads are capped in
-size and time. The connection goes to the address that was checked, so a second DNS answer
-(DNS rebinding) cannot point it elsewhere.
+size and time. The host that is resolved and checked is exactly the one http.client connects to
+(a URL whose user info or percent-encoding makes the two differ is refused), and the connection
+goes to the address that was checked, so a second DNS answer (DNS rebinding) cannot point it
+elsewhere. An IPv6 address that embeds an IPv4 one (IPv4-mapped, NAT64, 6to4, IPv4-compatible)
+is judged by the IPv4 address it embeds.
 """
 
 import http.client
@@ -14,7 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import List
+from typing import List, Tuple
 
 
 class FetchError(ValueError):
@@ -30,8 +33,31 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 _resolve = socket.getaddrinfo  # what check_url resolves hosts with (a seam for tests)
 
 
+# IPv6 ranges whose last 32 bits are an IPv4 address the packets end up at (NAT64's well-known prefix,
+# the deprecated IPv4-compatible form); IPv4-mapped and 6to4 addresses are read by ipaddress itself.
+_LOW_32_EMBEDS_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+
+
+def _embedded_ipv4(address):
+    """The IPv4 address an IPv6 address stands for (::ffff:a.b.c.d, 64:ff9b::a.b.c.d, 2002:AABB:CCDD::,
+    ::a.b.c.d), or None."""
+    if address.version != 6:
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if int(address) > 1 and any(address in network for network in _LOW_32_EMBEDS_IPV4):  # not :: or ::1
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def _public(address) -> bool:
-    """Whether the server may connect to this address without ``allow_private``."""
+    """Whether the server may connect to this address without ``allow_private``: an address that embeds
+    an IPv4 address is judged by that one."""
+    embedded = _embedded_ipv4(address)
+    if embedded is not None:
+        return _public(embedded)
     return address.is_global and not address.is_multicast
 
 
@@ -40,12 +66,12 @@ class _Pin:
     A connection to another host (a proxy from the environment) is left alone."""
 
     def __init__(self, host: str, address: str):
-        self.host, self.address = host.lower(), address
+        self.host, self.address = host, address  # host as http.client holds it (connect_target)
 
     def factory(self, cls):
         def make(host, **kwargs):
             connection = cls(host, **kwargs)
-            if connection.host.lower().strip("[]") == self.host:
+            if connection.host == self.host:
                 create = connection._create_connection
                 connection._create_connection = lambda addr, *a, **k: create((self.address, addr[1]), *a, **k)
             return connection
@@ -77,8 +103,24 @@ class _PinnedHTTPS(urllib.request.HTTPSHandler):
 def _opener(url: str, addresses: List[str]):
     if not addresses:
         return _OPENER
-    pin = _Pin(urllib.parse.urlparse(url).hostname or "", addresses[0])
+    pin = _Pin(connect_target(url)[0], addresses[0])
     return urllib.request.build_opener(_NoRedirect, _PinnedHTTP(pin), _PinnedHTTPS(pin))
+
+
+class _HTTPSPort(http.client.HTTPConnection):
+    default_port = http.client.HTTPS_PORT  # only parses a host string; never connects
+
+
+def connect_target(url: str) -> Tuple[str, int]:
+    """(host, port) that urllib's http.client connects to for ``url`` without a proxy: urllib's parse
+    (which unquotes the host and keeps any user info in it) followed by http.client's. FetchError if
+    http.client cannot parse it."""
+    try:
+        netloc = urllib.request.Request(url).host
+        probe = (_HTTPSPort if url[:6].lower() == "https:" else http.client.HTTPConnection)(netloc)
+    except (ValueError, http.client.InvalidURL) as e:
+        raise FetchError(f"{url}: invalid URL ({e})") from None
+    return probe.host, probe.port
 
 
 def check_url(url: str, *, allow_private: bool = False) -> List[str]:
@@ -88,13 +130,17 @@ def check_url(url: str, *, allow_private: bool = False) -> List[str]:
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme.lower() not in ("http", "https"):
         raise FetchError(f"{url}: only http and https URLs are fetched, not {parsed.scheme or 'no scheme'!r}")
-    host = parsed.hostname
-    if not host:
+    if not parsed.hostname:
         raise FetchError(f"{url}: no host in URL")
+    host, port = connect_target(url)
+    if host.lower() != parsed.hostname.lower():
+        # user info (user@host) or a percent-encoded host: the host it names is not the host it connects to
+        raise FetchError(f"{url}: refused: the URL names the host {parsed.hostname!r} but would connect to {host!r} "
+                         f"(URLs with user info or a percent-encoded host are not fetched)")
     if allow_private:
         return []
     try:
-        infos = _resolve(host, parsed.port or (443 if parsed.scheme == "https" else 80), type=socket.SOCK_STREAM)
+        infos = _resolve(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise FetchError(f"{url}: cannot resolve host {host!r} ({e.strerror})") from None
     vetted = []
@@ -102,8 +148,11 @@ def check_url(url: str, *, allow_private: bool = False) -> List[str]:
         address = ipaddress.ip_address(info[4][0].split("%")[0])
         vetted.append(str(address))
         if not _public(address):
-            raise FetchError(f"{url}: refused: {host} resolves to the non-public address {address} "
-                             f"(allow_private_urls=True lets the server fetch from its own network)")
+            embedded = _embedded_ipv4(address)
+            shown = f"{address} (IPv4 {embedded})" if embedded is not None else f"{address}"
+            raise FetchError(f"{url}: refused: {host} resolves to the non-public address {shown} "
+                             f"(clipseek serve --allow-private-urls, the encoder's allow_private_urls=True, "
+                             f"lets the server fetch from its own network)")
     return vetted
 
 

@@ -79,25 +79,28 @@ def test_local_paths_only_under_allowed_roots(served, layout):
     _, client = served
     base, allowed, outside, inside_pic, outside_pic = layout
     client.clear()
-    report = client.index([inside_pic, str(allowed / "link-in.png"), outside_pic, str(allowed / "link-out.png"),
-                           str(allowed / "dir-out" / "out.png"), "file://" + outside_pic])
-    assert sorted(report.indexed) == sorted([inside_pic, str(allowed / "link-in.png")])
+    report = client.index([inside_pic, str(allowed / "link-in.png"), outside_pic, "file://" + outside_pic])
+    assert report.indexed == [inside_pic]  # the link is the same picture: one entry, under its real path
     failed = dict(report.failed)
-    assert sorted(failed) == sorted([outside_pic, str(allowed / "link-out.png"), str(allowed / "dir-out" / "out.png"),
-                                     "file://" + outside_pic])
+    assert sorted(failed) == sorted([outside_pic, "file://" + outside_pic])
+    for escape in (allowed / "link-out.png", allowed / "dir-out" / "out.png"):  # symlinks out of the root
+        [(source, reason)] = client.index([str(escape)]).failed
+        assert source == os.path.realpath(escape), source
+        failed[source] = reason
     for reason in failed.values():
         assert reason.startswith("refused: the path is outside the folders this server may read"), reason
 
-    # '..' sent as is (not normalised by our client) and a request that tries to widen the roots
+    # '..' sent as is (not normalised by our client), and a request that tries to widen the roots
     sneaky = f"{allowed}/../outside/out.png"
     docs = DocList[ImageInput]([ImageInput(id="sneaky", uri=sneaky, url=sneaky)])
-    [answer] = client._post(client.index_address, "/index", docs, DocList[ImageInput],
-                            {"allowed_roots": [str(outside)], "allow_private_urls": True})
+    with pytest.raises(ClipseekError, match=r"parameter 'allowed_roots' is fixed when the server starts"):
+        client._post(client.index_address, "/index", docs, DocList[ImageInput], {"allowed_roots": [str(outside)]})
+    [answer] = client._post(client.index_address, "/index", docs, DocList[ImageInput])
     assert answer.status == "failed" and answer.error.startswith(f"{sneaky}: refused: the path is outside")
-    assert client.status().count == 2
+    assert client.status().count == 1
 
     # query by example reads local paths in the search flow: the same roots hold there
-    assert {h.uri for h in client.search(image=inside_pic, limit=5)} == {inside_pic, str(allowed / "link-in.png")}
+    assert {h.uri for h in client.search(image=inside_pic, limit=5)} == {inside_pic}
     for outside_query in (outside_pic, str(allowed / "link-out.png")):
         with pytest.raises(ClipseekError, match="refused: the path is outside the folders"):
             client.search(image=outside_query, limit=5)

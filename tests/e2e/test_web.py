@@ -28,12 +28,11 @@ QUERY = "a large red cross on a gray background"  # two pictures of the seed-5 w
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory):
-    """Both flows on free ports with the 60-picture seed-5 world indexed, and the page served on 127.0.0.1."""
+def flows(tmp_path_factory):
+    """Both flows on free ports with the 60-picture seed-5 world indexed: (settings, client, root, folder, records)."""
     from clipseek.client import ClipseekClient
     from flows.serving import flows_in_subprocess
     from flows.settings import Settings
-    from clipseek.web import create_app, serve_in_thread
 
     root = tmp_path_factory.mktemp("web")
     folder = str(root / "world")
@@ -43,8 +42,17 @@ def web(tmp_path_factory):
     with flows_in_subprocess(settings):
         client = ClipseekClient(settings.index_address, settings.search_address)
         assert len(client.index([folder]).indexed) == 60
-        with serve_in_thread(create_app(client), "127.0.0.1", free_port()) as server:
-            yield server.url, records, folder
+        yield settings, client, root, folder, records
+
+
+@pytest.fixture(scope="module")
+def web(flows):
+    """The page over those flows, served on 127.0.0.1: (url, records, folder)."""
+    from clipseek.web import create_app, serve_in_thread
+
+    settings, client, root, folder, records = flows
+    with serve_in_thread(create_app(client), "127.0.0.1", free_port()) as server:
+        yield server.url, records, folder
 
 
 def _post_json(url, body):
@@ -204,3 +212,176 @@ def test_serve_web_command_serves_the_page_and_stops_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+# ---- what the page may read, and who may ask it ------------------------------------------------
+def _raw(url, path, method="GET", headers=None, body=None, timeout=30):
+    """(status, headers, body) of one request with exactly these headers (Host included, if given)."""
+    import http.client
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def _unblock(fifo) -> None:
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader waiting
+        pass
+
+
+def _png_of(colour, size=(64, 64)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_a_thumbnail_is_never_read_from_a_path_that_bytes_only_name(flows, web):
+    """An ImageDoc posted by any jina Client with pixels in ``bytes_`` and a ``url`` naming a private file:
+    embedded from the bytes and stored under that path, but its thumbnail never shows the private file."""
+    from docarray import DocList
+    from docarray.documents import ImageDoc
+    from jina import Client
+    from PIL import Image
+
+    from executors.docs import ImageInput
+    from executors.images.imaging import content_hash
+
+    settings, client, root, folder, records = flows
+    url = web[0]
+    private = root / "private"
+    private.mkdir()
+    secret = private / "secret.png"
+    secret.write_bytes(_png_of((250, 0, 250)))  # the private pixels: magenta
+    decoy = _png_of((0, 90, 0))
+    answer = Client(host=settings.index_address).post(
+        "/index", DocList[ImageDoc]([ImageDoc(url=str(secret), bytes_=decoy)]), return_type=DocList[ImageInput])
+    doc_id = answer[0].id
+    try:
+        assert answer[0].status == "indexed", answer[0].error
+        [stored] = client.lookup([doc_id])
+        assert stored.found and stored.uri == str(secret) and stored.content_hash == content_hash(decoy)
+        status, headers, body = _open(urllib.request.Request(f"{url}api/thumb/{doc_id}"))
+        assert status == 404 and headers["Content-Type"] == "application/json", (status, headers["Content-Type"])
+        assert "not the picture that was indexed" in json.loads(body)["error"]
+        # a picture indexed from its file still has its thumbnail
+        hit = client.search("a red cross", limit=1)[0]
+        status, headers, data = _open(urllib.request.Request(f"{url}api/thumb/{hit.id}"))
+        assert status == 200 and Image.open(io.BytesIO(data)).format == "JPEG"
+    finally:
+        client.delete([doc_id])
+
+
+def test_thumbnails_follow_the_read_rule_of_the_encoder(flows, web):
+    """Allowed roots on the real path when the file is opened, regular files only."""
+    from clipseek.web import create_app, serve_in_thread
+
+    settings, client, root, folder, records = flows
+    open_url = web[0]
+    allowed, outside = root / "allowed", root / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    (outside / "out.png").write_bytes(_png_of((200, 200, 0)))
+    (allowed / "swap.png").write_bytes(_png_of((0, 0, 200)))
+    (allowed / "pipe-later.png").write_bytes(_png_of((0, 200, 200)))
+    report = client.index([str(outside / "out.png"), str(allowed / "swap.png"), str(allowed / "pipe-later.png")])
+    assert len(report.indexed) == 3, report.failed
+    ids = {os.path.basename(p): h.id for h in client.search("a picture", limit=100)
+           for p in [h.uri] if h.uri.startswith((str(allowed), str(outside)))}
+    # the file swapped for a symlink to the same bytes outside the roots; the other for a named pipe
+    (outside / "swap.png").write_bytes((allowed / "swap.png").read_bytes())
+    os.remove(allowed / "swap.png")
+    os.symlink(outside / "swap.png", allowed / "swap.png")
+    os.remove(allowed / "pipe-later.png")
+    os.mkfifo(allowed / "pipe-later.png")
+    try:
+        with serve_in_thread(create_app(client, allowed_roots=[folder, str(allowed)]), "127.0.0.1", free_port()) as server:
+            for name in ("out.png", "swap.png"):
+                status, _, body = _open(urllib.request.Request(f"{server.url}api/thumb/{ids[name]}"))
+                assert status == 404 and "not readable by this server" in json.loads(body)["error"], (name, status)
+                status, headers, _ = _open(urllib.request.Request(f"{open_url}api/thumb/{ids[name]}"))
+                assert status == 200 and headers["Content-Type"] == "image/jpeg"  # no roots: the same bytes are shown
+            status, _, _ = _open(urllib.request.Request(f"{server.url}api/thumb/{client.search('a red cross', limit=1)[0].id}"))
+            assert status == 200
+        status, _, body = _raw(open_url, f"/api/thumb/{ids['pipe-later.png']}", timeout=10)  # answered, not blocked
+        assert status == 404 and "not readable" in json.loads(body)["error"]
+    finally:
+        _unblock(allowed / "pipe-later.png")
+        client.delete(list(ids.values()))
+
+
+@pytest.fixture(scope="module")
+def bare_page():
+    """The page over flows that are not there: what it refuses, it refuses before asking them."""
+    from clipseek.client import ClipseekClient
+    from clipseek.web import create_app, serve_in_thread
+
+    dead = f"grpc://127.0.0.1:{free_port()}"
+    with serve_in_thread(create_app(ClipseekClient(dead, dead, timeout=10)), "127.0.0.1", free_port()) as server:
+        yield server
+
+
+def test_the_page_answers_only_its_own_host(bare_page):
+    url, port = bare_page.url, bare_page.port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+        status, _, body = _raw(url, "/", headers={"Host": host})
+        assert status == 200 and b'id="results"' in body, host
+    for host in (f"evil.example:{port}", f"127.0.0.1:{port + 1}", "127.0.0.1", f"rebind.127.0.0.1.nip.io:{port}", ""):
+        for path in ("/", "/api/thumb/0123456789abcdef0123"):
+            status, _, body = _raw(url, path, headers={"Host": host})
+            assert status == 403 and "Host header" in json.loads(body)["error"], (host, path, status)
+    status, _, body = _raw(url, "/api/search", "POST", {"Host": f"evil.example:{port}", "Content-Type": "application/json"},
+                           json.dumps({"text": "a cat"}).encode())
+    assert status == 403
+
+
+def test_cross_site_posts_and_reads_are_refused(bare_page):
+    url, port = bare_page.url, bare_page.port
+    search = json.dumps({"text": "a cat"}).encode()
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": f"http://127.0.0.1:{port + 1}"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "cross-site"}):
+        for path in ("/api/search", "/api/search-image"):
+            status, _, body = _raw(url, path, "POST", {"Content-Type": "application/json", **headers}, search)
+            assert status == 403 and "refused" in json.loads(body)["error"], (headers, path, status)
+    status, _, _ = _raw(url, "/api/thumb/0123456789abcdef0123", headers={"Sec-Fetch-Site": "cross-site"})
+    assert status == 403
+    # its own page's requests go through (to flows that are not there: 503, not 403)
+    status, _, body = _raw(url, "/api/search", "POST", {"Content-Type": "application/json", "Sec-Fetch-Site": "same-origin",
+                                                        "Origin": f"http://127.0.0.1:{port}"}, search)
+    assert status == 503 and "cannot reach" in json.loads(body)["error"]
+    status, _, _ = _raw(url, "/", headers={"Sec-Fetch-Site": "cross-site"})  # a link to the page opens it
+    assert status == 200
+
+
+def test_every_request_body_is_capped(bare_page):
+    url = bare_page.url
+    big = json.dumps({"text": "a cat", "filter": {"x": "y" * 2**21}}).encode()  # 2 MiB, over the 1 MiB cap
+    status, _, body = _raw(url, "/api/search", "POST", {"Content-Type": "application/json"}, big)
+    assert status == 413 and f"larger than {2**20} bytes" in json.loads(body)["error"]
+
+    def chunks():  # no Content-Length: the cap holds while reading
+        for _ in range(2**21 // 65536):
+            yield b" " * 65536
+
+    import http.client
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
+    try:
+        connection.request("POST", "/api/search", body=chunks(), headers={"Content-Type": "application/json"},
+                           encode_chunked=True)
+        response = connection.getresponse()
+        assert response.status == 413 and "larger than" in json.loads(response.read())["error"]
+    finally:
+        connection.close()

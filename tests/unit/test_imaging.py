@@ -4,8 +4,10 @@ import base64
 import hashlib
 import io
 import os
+import re
 import socket
 import threading
+import tracemalloc
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -20,6 +22,7 @@ from executors.images.imaging import (
     decode_image,
     preprocess,
     read_source,
+    to_rgb,
     uri_id,
 )
 
@@ -198,6 +201,93 @@ def test_read_size_cap(tmp_path):
     assert len(read_source(str(p), max_bytes=1000).data) == 1000
 
 
+def _read_within(seconds, *args, **kwargs):
+    """read_source(*args, **kwargs) in a thread: (finished, result or exception)."""
+    out = []
+
+    def run():
+        try:
+            out.append(read_source(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return (not thread.is_alive()), (out[0] if out else None)
+
+
+def _unblock(fifo) -> None:
+    """Give a reader blocked on opening ``fifo`` its end of file."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader waiting
+        pass
+
+
+def test_read_refuses_a_named_pipe_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    try:
+        for source, roots in ((str(fifo), None), (fifo.as_uri(), None), (str(fifo), [str(tmp_path)])):
+            finished, result = _read_within(10, source, allowed_roots=roots)
+            assert finished, "reading a named pipe blocked"
+            assert isinstance(result, ImageError), result
+            assert str(result) == f"{source}: is a named pipe (FIFO), not a regular file"
+        link = tmp_path / "link.jpg"  # a symlink to the pipe is the pipe
+        link.symlink_to(fifo)
+        finished, result = _read_within(10, str(link))
+        assert finished and isinstance(result, ImageError) and "named pipe" in str(result)
+    finally:
+        _unblock(fifo)
+
+
+def test_read_refuses_devices():
+    if not os.path.exists("/dev/null"):
+        pytest.skip("no /dev/null")
+    with pytest.raises(ImageError, match=r"^/dev/null: is a character device, not a regular file$"):
+        read_source("/dev/null")
+    with pytest.raises(ImageError, match="character device"):
+        read_source("/dev/zero", max_bytes=10)  # would never end
+
+
+def test_read_stops_past_the_cap_whatever_the_size_says():
+    """A file in /proc reports a size of 0: the cap holds on what is read, not on what stat says."""
+    status = "/proc/self/status"
+    if not os.path.exists(status) or os.stat(status).st_size != 0:
+        pytest.skip("no /proc/self/status that reports size 0")
+    with pytest.raises(ImageError, match=r"^/proc/self/status: file is over the 100-byte cap"):
+        read_source(status, max_bytes=100)
+    assert len(read_source(status, max_bytes=1 << 20).data) > 100  # under the cap it is read whole
+
+
+def test_read_checks_the_roots_on_the_file_it_opens(tmp_path, monkeypatch):
+    """A folder swapped for a symlink out of the root between the check and the read is caught on the
+    file that was opened."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    (outside / "sub").mkdir(parents=True)
+    inside_pic, secret = root / "sub" / "a.png", outside / "sub" / "a.png"
+    inside_pic.write_bytes(encode(noise(8, 8, seed=1)))
+    secret.write_bytes(encode(noise(8, 8, seed=2)))
+    assert read_source(str(inside_pic), allowed_roots=[str(root)]).data == inside_pic.read_bytes()
+
+    real_realpath, swapped = os.path.realpath, []
+
+    def realpath_then_swap(path, *args, **kwargs):
+        result = real_realpath(path, *args, **kwargs)
+        if not swapped and os.fspath(path) == str(inside_pic):
+            swapped.append(True)
+            os.rename(root / "sub", root / "sub-before")
+            os.symlink(outside / "sub", root / "sub")
+        return result
+
+    monkeypatch.setattr(os.path, "realpath", realpath_then_swap)
+    with pytest.raises(ImageError, match="refused: the path is outside the folders this server may read"):
+        read_source(str(inside_pic), allowed_roots=[str(root)])
+    assert swapped
+
+
 def test_unsupported_scheme():
     with pytest.raises(ImageError) as e:
         read_source("ftp://127.0.0.1/x.png")
@@ -318,6 +408,48 @@ def test_decode_16_bit_png():
     # 16-bit data that only uses the low 8 bits keeps its values
     low = decode_image(encode(Image.fromarray(np.array([[10, 200]], dtype=np.uint16))), "low")
     assert [low.getpixel((x, 0))[0] for x in range(2)] == [10, 200]
+
+
+def test_16_bit_pictures_become_8_bit_without_a_float_copy():
+    """Decoding runs on up to 8 threads at once: a 16-bit picture costs about a byte per pixel more, not 16."""
+    rng = np.random.default_rng(7)
+    arr = rng.integers(0, 65536, (1000, 2000), dtype=np.uint16)
+    img = Image.fromarray(arr)
+    assert img.mode.startswith("I;16")
+    tracemalloc.start()
+    try:
+        out = to_rgb(img)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * arr.size, f"converting {arr.size} pixels held {peak} bytes"
+    assert out.mode == "RGB" and out.size == (2000, 1000)
+    np.testing.assert_array_equal(np.asarray(out)[..., 1], (arr.astype(np.uint32) * 255 // 65535).astype(np.uint8))
+
+    # 32-bit values beyond the 16-bit range scale by the picture's maximum; negative ones are black
+    wide = np.array([[-5, 0, 500_000, 1_000_000]], dtype=np.int32)
+    assert [p[0] for p in to_rgb(Image.fromarray(wide, "I")).getdata()] == [0, 0, 127, 255]
+
+
+def test_the_stated_pixel_ceiling_is_the_real_one(monkeypatch):
+    """Pillow refuses above twice MAX_IMAGE_PIXELS: the error says that number, and a picture of exactly that
+    many pixels is decoded."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageError) as e:
+        decode_image(encode(Image.new("L", (3, 667))), "big.png")  # 2001 pixels
+    message = str(e.value)
+    stated = int(re.search(r"over (\d+) pixels", message).group(1))
+    assert stated == 2000 and message.startswith("big.png: image too large") and "--max-megapixels" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        assert decode_image(encode(Image.new("L", (40, 50))), "edge.png").size == (40, 50)  # exactly 2000
+
+
+def test_the_megapixel_limit_names_its_serve_flag():
+    png = encode(Image.new("RGB", (1500, 1000)))
+    with pytest.raises(ImageError, match=r"^wide\.png: 1500x1000 is 1\.5 megapixels, over the limit of 1 "
+                                         r"\(clipseek serve --max-megapixels\)$"):
+        decode_image(png, "wide.png", max_megapixels=1)
 
 
 def test_decode_cmyk_jpeg():
