@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import threading
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from flows.settings import DEFAULT_HOST, DEFAULT_REQUEST_SIZE, Settings
 
@@ -80,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="index images: folders (recursive), globs, files, URLs")
     p.add_argument("sources", nargs="+", help="folder, glob, image file, or http(s)/file/data URL")
-    p.add_argument("--request-size", "--batch-size", dest="request_size", type=int, default=DEFAULT_REQUEST_SIZE,
+    p.add_argument("--request-size", dest="request_size", type=int, default=DEFAULT_REQUEST_SIZE,
                    help=f"images per request (default {DEFAULT_REQUEST_SIZE}: several model batches, so decoding "
                         f"overlaps the model for most of each request)")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="tag stored with every image")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", type=_tag_pair,
+                   help="tag stored with every image (also added to images already indexed and unchanged)")
     p.add_argument("--force", action="store_true", help="re-index files even when unchanged")
     p.add_argument("--prune", action="store_true", help="remove indexed files under the given folders that are gone")
     p.add_argument("--watch", action="store_true", help="keep indexing new and changed files until Ctrl-C")
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("snapshot", help="write the index to one portable file, or restore it from one")
     p.add_argument("action", choices=["create", "restore"])
     p.add_argument("file", help="snapshot file (.zip)")
+    p.add_argument("--force", action="store_true", help="create: replace the file if it exists")
     p.add_argument("--workspace", help="workspace of the index (env CLIPSEEK_WORKSPACE, default ./workspace of the project)")
     p.add_argument("--shard", type=int, default=0, help="shard of the index (default 0)")
 
@@ -245,14 +247,18 @@ def _log_file(args, settings: Settings) -> Optional[str]:
     return log_path(settings)
 
 
-def _parse_tags(pairs: List[str]) -> dict:
-    tags = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: --tag wants KEY=VALUE, got {pair!r}")
-        tags[key] = value
-    return tags
+EMPTY_INDEX = "the index is empty: add pictures with `clipseek index DIR` (folders, globs, files or URLs)"
+
+
+def _tag_pair(text: str) -> Tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"wants KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _parse_tags(pairs: List[Tuple[str, str]]) -> dict:
+    return dict(pairs)
 
 
 def cmd_index(args) -> int:
@@ -283,8 +289,9 @@ def cmd_index(args) -> int:
 
 
 def _print_report(report) -> None:
-    print(f"indexed {len(report.indexed)}, unchanged {len(report.unchanged)} (skipped), failed {len(report.failed)}",
-          flush=True)
+    tagged = f" ({len(report.tagged)} given the new tags)" if report.tagged else ""
+    print(f"indexed {len(report.indexed)}, unchanged {len(report.unchanged)} (skipped{tagged}), "
+          f"failed {len(report.failed)}", flush=True)
     for source, reason in report.failed:
         print(f"  failed: {source}: {reason}", flush=True)
 
@@ -318,7 +325,7 @@ def cmd_search(args) -> int:
                           for i, h in enumerate(hits)], indent=2))
     else:
         if not hits:
-            print("no matches")
+            print("no matches" if client.status().count else EMPTY_INDEX)
         for i, hit in enumerate(hits, 1):
             print(f"{i:>3}  {hit.score:.4f}  {hit.uri or hit.id}  [{hit.id}]")
     if args.plot:
@@ -336,6 +343,8 @@ def cmd_status(args) -> int:
             "schema_version": status.schema_version, "path": status.path}
     if args.json:
         print(json.dumps(info, indent=2))
+    elif not status.count:
+        print(f"{EMPTY_INDEX} ({status.path})")
     else:
         for key, value in info.items():
             print(f"{key:>15}: {value}")
@@ -416,6 +425,9 @@ def cmd_snapshot(args) -> int:
         if not os.path.exists(os.path.join(folder, "meta.sqlite")):
             print(f"error: no index at {folder}", file=sys.stderr)
             return 2
+        if os.path.exists(args.file) and not args.force:
+            print(f"error: {args.file} exists; pass --force to replace it", file=sys.stderr)
+            return 2
         store = VectorStore(folder)
         try:
             manifest = snapshot.create(store, args.file)
@@ -490,6 +502,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): end quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit does not fail again
+        return 0
     except (ClipseekError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from docarray import DocList
 
 from executors.docs import (STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, QueryPart, TextQuery,
                             has_image)
-from executors.images.imaging import (URL_PREFIXES, content_hash, is_image_file, local_path, not_a_regular_file,
+from executors.images.imaging import (IMAGE_EXTENSIONS, URL_PREFIXES, content_hash, is_image_file, local_path, not_a_regular_file,
                                       path_uri, uri_id)
 from flows.settings import DEFAULT_REQUEST_SIZE, Settings
 from flows.transport import GrpcTransport, TransportError
@@ -42,12 +42,14 @@ class ClipseekError(RuntimeError):
 @dataclass
 class IndexReport:
     indexed: List[str] = field(default_factory=list)
-    unchanged: List[str] = field(default_factory=list)
+    unchanged: List[str] = field(default_factory=list)  # skipped, not embedded again
+    tagged: List[str] = field(default_factory=list)  # unchanged, and given tags were added to the stored picture
     failed: List[Tuple[str, str]] = field(default_factory=list)  # (source, reason)
 
     def merge(self, other: "IndexReport") -> None:
         self.indexed += other.indexed
         self.unchanged += other.unchanged
+        self.tagged += other.tagged
         self.failed += other.failed
 
 
@@ -162,7 +164,7 @@ class ClipseekClient:
         report = IndexReport()
         ids = {source: uri_id(source) for source in sources}
         stored = {} if force else {d.id: d for d in self.lookup(list(ids.values())) if d.found}
-        docs = DocList[ImageInput]()
+        docs, retag = DocList[ImageInput](), DocList[ImageInput]()
         for source in sources:
             known = stored.get(ids[source])
             path = local_path(source)
@@ -174,12 +176,20 @@ class ClipseekClient:
             if st is not None and not_a_regular_file(st.st_mode):  # a FIFO or device would block the read
                 report.failed.append((source, not_a_regular_file(st.st_mode)))
                 continue
-            if known is not None and _unchanged(known, path, st):
-                report.unchanged.append(source)
-                continue
             # a file name that is not UTF-8 travels as a file:// URI that keeps its exact bytes
             name = path_uri(source) if path is not None else source
-            doc = ImageInput(id=ids[source], uri=name, tags=dict(tags or {}))
+            if known is not None and _unchanged(known, path, st):
+                report.unchanged.append(source)
+                if tags:
+                    retag.append(ImageInput(id=ids[source], uri=name, tags=dict(tags)))
+                continue
+            try:
+                doc = ImageInput(id=ids[source], uri=name, tags=dict(tags or {}))
+                if path is None or not self.send_bytes:
+                    doc.url = name
+            except ValueError:  # docarray refuses a url whose extension is not an image's
+                report.failed.append((source, f"not an image file (clipseek reads {', '.join(IMAGE_EXTENSIONS)})"))
+                continue
             if path is not None and self.send_bytes:
                 try:
                     with open(path, "rb") as f:
@@ -188,8 +198,6 @@ class ClipseekClient:
                     report.failed.append((source, f"cannot read ({e.strerror})"))
                     continue
                 doc.mtime, doc.size = st.st_mtime, st.st_size
-            else:
-                doc.url = name
             docs.append(doc)
         for part in _split_by_bytes(docs, MAX_REQUEST_BYTES):
             for doc in self._post(self.index_address, "/index", part, DocList[ImageInput], parameters):
@@ -197,6 +205,10 @@ class ClipseekClient:
                     report.indexed.append(doc.uri)
                 else:
                     report.failed.append((doc.uri, _reason(doc.error or "not indexed", doc.uri)))
+        if retag:  # tags given for pictures already indexed: added to them, no embedding again
+            for doc in self._post(self.index_address, "/update", retag, DocList[ImageInput]):
+                if doc.status == STATUS_INDEXED:
+                    report.tagged.append(doc.uri)
         return report
 
     def lookup(self, ids: Sequence[str]) -> DocList[KeyDoc]:

@@ -49,7 +49,7 @@ class ShardMerger(Executor):
             merged.append(query)
         return merged
 
-    @requests(on="/index")
+    @requests(on=["/index", "/update"])
     def index(self, docs: DocList[ImageInput], docs_matrix=None, **kwargs) -> DocList[ImageInput]:
         """Every shard answers every document; the one that owns it (a hash of its id) set its status."""
         answers = _shard_answers(docs, docs_matrix)

@@ -48,7 +48,8 @@ class SimpleIndexer(Executor):
     file and the memory the map needs, at a recall@10 cost measured in ``benchmarks/indexer_bench.py``.
 
     ``read_only`` (the search flow's indexer): the store is opened for reading only, never takes the
-    writer lock, and ``/index``, ``/delete`` and ``/clear`` are refused; the index flow is the one writer.
+    writer lock, and ``/index``, ``/update``, ``/delete`` and ``/clear`` are refused; the index flow is the
+    one writer.
     """
 
     def __init__(
@@ -135,6 +136,17 @@ class SimpleIndexer(Executor):
         if not options["return_embeddings"]:
             for doc in docs:
                 doc.embedding = None
+        return docs
+
+    @requests(on="/update")
+    def update(self, docs: DocList[ImageInput], **kwargs) -> DocList[ImageInput]:
+        """Add each document's ``tags`` to the stored document of its id, without embedding it again."""
+        self._check_writable("/update")
+        mine = [d for d in docs if self.shards == 1 or shard_of(d.id, self.shards) == self.shard_id]
+        found = set(self.store.update_tags({d.id: dict(d.tags or {}) for d in mine}))
+        for doc in mine:
+            doc.status = STATUS_INDEXED if doc.id in found else STATUS_FAILED
+            doc.error = None if doc.id in found else f"{doc.uri or doc.id}: not in the index"
         return docs
 
     @requests(on="/search")

@@ -421,16 +421,24 @@ def _logger_level(name: str, level: int) -> Iterator[None]:
         log.setLevel(before)
 
 
-def check_shards(settings: Settings) -> None:
+def check_workspace(settings: Settings) -> None:
     """RuntimeError, before anything starts, when the workspace's index was written by another number of
-    shards than the flows would run (a picture's shard is a hash of its id over that number)."""
-    from executors.store.vector_store import recorded_shards
+    shards than the flows would run (a picture's shard is a hash of its id over that number), or holds
+    embeddings of another model than the flows would load (every search and index request would fail)."""
+    from executors.models.loading import default_model, model_id
+    from executors.store.vector_store import recorded_meta, recorded_shards
 
+    folder = os.path.join(settings.workspace, "SimpleIndexer")
     wanted = settings.shards or _yaml_shards(INDEX_FLOW)
-    have = recorded_shards(os.path.join(settings.workspace, "SimpleIndexer"))
+    have = recorded_shards(folder)
     if have is not None and have != wanted:
         raise RuntimeError(f"the index in {settings.workspace} was written by {have} shard(s); these flows run "
                            f"{wanted}. Start with --shards {have} (or index into a new --workspace)")
+    stored, model = recorded_meta(folder).get("model"), model_id(settings.model or default_model())
+    if stored and stored != model:
+        raise RuntimeError(f"the index in {settings.workspace} holds embeddings of model {stored!r}; these flows "
+                           f"would load {model!r}. Start with --model naming {stored!r} (its hub name or folder), or "
+                           f"serve another --workspace")
 
 
 def _yaml_shards(path: str) -> int:
@@ -451,7 +459,7 @@ def running_flows(settings: Settings, log_file: Optional[str] = None, lock: bool
         if lock:
             outer.enter_context(workspace_lock(settings))
         outer.enter_context(children_die_with_this_process())
-        check_shards(settings)
+        check_workspace(settings)
         if log_file:  # the executors' own account (the model, its precision and why) goes to the log file
             outer.enter_context(_logger_level("executors", logging.INFO))
         with output_to(log_file):

@@ -9,6 +9,8 @@ so any jina gateway answers it as it answers jina's own client.
 
 from __future__ import annotations
 
+import ast
+import re
 import threading
 import urllib.parse
 from typing import Any, Dict, Optional, Tuple, Type
@@ -16,6 +18,19 @@ from typing import Any, Dict, Optional, Tuple, Type
 METHOD = "/jina.JinaSingleDataRequestRPC/process_single_data"
 # What the client accepts and sends at most; each gateway enforces its own, smaller limit on requests.
 MAX_MESSAGE_BYTES = 512 * 2**20
+
+
+def server_message(description: str) -> str:
+    """The first line of an executor's error as jina reports it (``StoreLockedError('index at ...')``, the
+    repr of the exception), as the message alone."""
+    text = description.strip()
+    match = re.fullmatch(r"[A-Za-z_][\w.]*\((['\"])(.*)\1\)", text, flags=re.S)
+    if match:
+        try:
+            text = str(ast.literal_eval(match.group(1) + match.group(2) + match.group(1)))
+        except (ValueError, SyntaxError):
+            text = match.group(2)
+    return (text.strip().splitlines() or [description.strip()])[0]
 
 
 class TransportError(RuntimeError):
@@ -99,7 +114,7 @@ class GrpcTransport:
         status = response.header.status
         if status.code == jina_pb2.StatusProto.ERROR:
             description = status.description or status.exception.name or "the server answered with an error"
-            raise TransportError(str(description).strip().splitlines()[0])
+            raise TransportError(server_message(str(description)))
         response.document_array_cls = return_type
         return response
 

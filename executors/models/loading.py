@@ -227,13 +227,23 @@ def model_error_message(name_or_path: str, error: BaseException) -> str:
         return f"cannot load model {name_or_path!r}: {first_sentence}"
     if os.path.isdir(name_or_path):
         return f"cannot load model from folder {name_or_path!r}: {first_line}"
+    if looks_like_path(name_or_path):
+        return (f"cannot load model {name_or_path!r}: no such folder. Give a folder saved by save_pretrained "
+                f"(config.json, the weights, the tokenizer and the image processor), or a hub name such as {DEFAULT_MODEL}")
     return (
         f"cannot load model {name_or_path!r}: {first_line}\n"
         f"If this machine is offline, download the model where there is network access "
-        f"(`huggingface-cli download {name_or_path}`, or `AutoModel.from_pretrained(...).save_pretrained(DIR)` "
+        f"(`hf download {name_or_path} --local-dir DIR`, or `AutoModel.from_pretrained(...).save_pretrained(DIR)` "
         f"together with the tokenizer and processor) and point clipseek at the folder: "
         f"--model DIR or {MODEL_ENV}=DIR. The shipped demo model is data/models/clipseek-demo."
     )
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a folder, not a hub name (``org/name``): it starts with ``/``, ``.``, ``~``
+    or a drive, ends with a separator, or has more than one separator."""
+    return (name.startswith(("/", ".", "~", "\\")) or name.endswith(("/", os.sep)) or (len(name) > 1 and name[1] == ":")
+            or name.replace(os.sep, "/").count("/") > 1)
 
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -277,6 +287,8 @@ def quiet_transformers():
 
 def check_model_available(name_or_path: str) -> None:
     """Cheap check that a model can be loaded, without loading it (raises ModelLoadError)."""
+    if not os.path.isdir(name_or_path) and looks_like_path(name_or_path):
+        raise ModelLoadError(model_error_message(name_or_path, FileNotFoundError(name_or_path)))
     if os.path.isdir(name_or_path):
         missing = [] if os.path.exists(os.path.join(name_or_path, "config.json")) else ["config.json"]
         if not any(os.path.exists(os.path.join(name_or_path, f)) for f in PROCESSOR_FILES):

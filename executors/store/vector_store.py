@@ -336,6 +336,22 @@ class VectorStore:
                     self._bump_generation()
             return deleted
 
+    def update_tags(self, tags_by_id: Mapping[str, Mapping[str, Any]]) -> List[str]:
+        """Add ``tags`` (keys given replace the same keys, others stay) to stored documents, without touching
+        their vectors; returns the ids found."""
+        if not tags_by_id:
+            return []
+        with self._lock:
+            self._acquire_writer()
+            with self._transaction():
+                current = {}
+                for marks, part in _in_chunks(list(tags_by_id)):
+                    current.update(self._db.execute(f"SELECT id, tags FROM rows WHERE id IN ({marks})", part).fetchall())
+                self._db.executemany("UPDATE rows SET tags = ? WHERE id = ?",
+                                     [(json.dumps({**json.loads(current[i] or "{}"), **dict(tags_by_id[i])}), i)
+                                      for i in current])
+            return list(current)
+
     def evict(self, ids: Sequence[str], uris: Sequence[str]) -> int:
         """Remove the rows of these ids and of these uris (a shard dropping what another shard now owns)."""
         ids, uris = list(ids), [u for u in uris if u]
@@ -600,19 +616,25 @@ class _Transaction:
         return False
 
 
-def recorded_shards(folder: str) -> Optional[int]:
-    """How many shards wrote the index whose shard folders (0, 1, ...) lie in ``folder``, as the first shard's
-    store records it (an index made before shards were recorded, holding rows: 1), or None for no index."""
+def recorded_meta(folder: str) -> Dict[str, str]:
+    """The meta table (shards, model, high_water ...) of the first shard's store of the index whose shard
+    folders (0, 1, ...) lie in ``folder``, read without opening it for writing; {} when there is none."""
     db_path = os.path.join(folder, "0", DB_FILE)
     if not os.path.exists(db_path):
-        return None
+        return {}
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30.0)
     try:
-        meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('shards', 'high_water')").fetchall())
+        return {k: v for k, v in db.execute("SELECT key, value FROM meta").fetchall() if v is not None}
     except sqlite3.DatabaseError:
-        return None  # the store reports a damaged index itself when it opens
+        return {}  # the store reports a damaged index itself when it opens
     finally:
         db.close()
+
+
+def recorded_shards(folder: str) -> Optional[int]:
+    """How many shards wrote the index in ``folder`` (see ``recorded_meta``): as recorded, 1 for an index
+    made before shards were recorded that holds rows, None for no index."""
+    meta = recorded_meta(folder)
     if meta.get("shards"):
         return int(meta["shards"])
     return 1 if int(meta.get("high_water") or 0) else None

@@ -164,7 +164,7 @@ def test_clipseek_index_resumes_after_the_server_is_killed(tiny_model, tmp_path)
     server = Server(env)
     kill_at = random.Random(7).randint(6, 30)
     try:
-        indexer = subprocess.Popen(CLI + ["index", str(pics), "--batch-size", "2"], env=env, cwd=ROOT,
+        indexer = subprocess.Popen(CLI + ["index", str(pics), "--request-size", "2"], env=env, cwd=ROOT,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 90
@@ -186,7 +186,7 @@ def test_clipseek_index_resumes_after_the_server_is_killed(tiny_model, tmp_path)
     assert seen >= kill_at
     server = Server(env)
     try:
-        out = _run(["index", str(pics), "--batch-size", "16"], env)
+        out = _run(["index", str(pics), "--request-size", "16"], env)
         assert out.returncode == 0, out.stdout + out.stderr
         summary = [line for line in out.stdout.splitlines() if line.startswith("indexed ")][0]
         indexed, unchanged = int(summary.split()[1].rstrip(",")), int(summary.split()[3])
