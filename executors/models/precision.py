@@ -10,10 +10,12 @@
   batch); each Linear here quantizes every batch item on its own (``PerItemDynamicLinear``), so an
   embedding is the same alone or in any batch.
 - ``float16``: CUDA only.
-- ``auto`` (the default): float16 on CUDA. On a CPU, for the image tower (batches of images) bfloat16
-  where the CPU has native bfloat16; for the text tower (mostly one short query at a time, matrices so
-  small that bfloat16 gains little) int8 where the CPU has VNNI. Otherwise int8 where a short probe at
-  load measures it faster than float32, else float32.
+- ``auto`` (the default): float16 on CUDA. On a CPU it measures, once per process, one transformer MLP
+  layer pair of the tower's width and usual work (a batch of images; one short query) in float32 and in each
+  candidate, in order of preference: bfloat16 where the CPU runs it natively (never where it is only
+  emulated, 8x slower), then for images int8 (the int8 text tower keeps only cosine 0.998); it picks the
+  first that beats float32 by MIN_SPEEDUP, else float32. The choice, the figures and
+  the CPU's bfloat16 support are logged at load.
 
 Embeddings always leave the encoders as float32, L2-normalized, so vectors made in any precision of
 one model share one index (benchmarks/index_throughput.py prints the cosines between them).
@@ -74,51 +76,81 @@ def native_bfloat16() -> Optional[str]:
 
 
 _probe_lock = threading.Lock()
-_int8_speedup: Optional[float] = None
+_speedups: Dict[tuple, Dict[str, float]] = {}
+
+# The work each tower mostly does, as two Linear layers of its width: a batch of images (4 x 50 tokens of
+# ViT-B/32, width 768) or one short query (16 tokens, width 512). Small enough to measure in ~0.2 s.
+PROBES = {"image": (768, 4, 50), "text": (512, 1, 16)}  # width, batch, tokens
+# What ``auto`` may pick per tower on a CPU, in order of preference: int8 only for images (the dynamic
+# int8 text tower of ViT-B/32 keeps only cosine 0.9982 to float32, under the 0.999 every auto choice keeps),
+# bfloat16 only where the CPU runs it natively (emulated, it measured 8x slower than float32 on AVX2).
+AUTO_CANDIDATES = {"image": ("bfloat16", "int8"), "text": ("bfloat16",)}
+# A precision other than float32 is picked only when the probe measures at least this gain.
+MIN_SPEEDUP = 1.2
+INT8_MIN_SPEEDUP = MIN_SPEEDUP
 
 
-def int8_speedup(width: int = 768, tokens: int = 64, repeat: int = 5) -> float:
-    """float32 time / int8 time of one transformer-sized Linear on this CPU (measured once, ~0.1 s)."""
-    global _int8_speedup
+def speedups(tower: str = "image", repeat: int = 7) -> Dict[str, float]:
+    """float32 time / time in each candidate precision of ``tower``'s probe on this CPU (measured once per
+    process, ~0.1-0.5 s): what ``auto`` decides by."""
+    width, batch, tokens = PROBES[tower]
+    key = (tower, width, batch, tokens)
     with _probe_lock:
-        if _int8_speedup is None:
-            import torch
+        if key not in _speedups:
+            _speedups[key] = _measure(width, batch, tokens, AUTO_CANDIDATES[tower], repeat)
+        return dict(_speedups[key])
 
-            layer = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)).eval()
-            quantized = torch.ao.quantization.quantize_dynamic(layer, {torch.nn.Linear}, dtype=torch.qint8)
-            x = torch.randn(tokens, width)
-            times = []
-            with torch.inference_mode():
-                for model in (layer, quantized):
-                    model(x)
-                    t0 = time.perf_counter()
-                    for _ in range(repeat):
-                        model(x)
-                    times.append(time.perf_counter() - t0)
-            _int8_speedup = times[0] / max(times[1], 1e-9)
-        return _int8_speedup
+
+def _measure(width: int, batch: int, tokens: int, candidates, repeat: int) -> Dict[str, float]:
+    import torch
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width)).eval()
+    x = torch.randn(batch, tokens, width)
+    runs = {"float32": (block, x)}
+    if "bfloat16" in candidates and native_bfloat16():
+        import copy
+
+        runs["bfloat16"] = (copy.deepcopy(block).to(torch.bfloat16), x.to(torch.bfloat16))
+    if "int8" in candidates:
+        runs["int8"] = (per_item_int8(block), x)
+    best = dict.fromkeys(runs, float("inf"))
+    with torch.inference_mode():
+        for model, inputs in runs.values():
+            model(inputs)  # the first call sets up kernels
+        for _ in range(repeat):  # interleaved, so that a moment of load on the machine hits every candidate
+            for name, (model, inputs) in runs.items():
+                t0 = time.perf_counter()
+                model(inputs)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: best["float32"] / max(t, 1e-9) for name, t in best.items() if name != "float32"}
+
+
+def int8_speedup() -> float:
+    """float32 time / int8 time of the image tower's probe on this CPU."""
+    return speedups("image").get("int8", 0.0)
 
 
 def choose(dtype: Optional[str], device: str, tower: str = "image") -> Precision:
     """The precision for ``dtype`` (any spelling; None = auto) on ``device`` for the ``tower`` ("image" or
-    "text") that will mostly run, or ValueError naming why not."""
+    "text") that will mostly run, or ValueError naming why not. ``auto`` on a CPU measures: it picks the
+    first of the tower's candidates (AUTO_CANDIDATES) that beats float32 by MIN_SPEEDUP on this CPU, else
+    float32; bfloat16 is a candidate only where the CPU runs it natively (emulated: 8x slower)."""
     name = dtype_name(dtype or DEFAULT_PRECISION, PRECISIONS)
     cuda = str(device).startswith("cuda")
     if name == "auto":
         if cuda:
             return Precision("float16", "auto on cuda: float16")
-        caps = cpu_capabilities()
-        if tower == "text" and caps["vnni"]:
-            # one ViT-B/32 query: int8 4.6 ms, bfloat16 8.4 ms, float32 15.3 ms (benchmarks/search_latency.py)
-            return Precision("int8", "auto on cpu for the text tower: the CPU has VNNI (int8 dot products); "
-                                     "short queries run fastest in int8")
         native = native_bfloat16()
-        if native:
-            return Precision("bfloat16", f"auto on cpu: the CPU has native bfloat16 ({native})")
-        gain = int8_speedup()
-        if gain >= INT8_MIN_SPEEDUP:
-            return Precision("int8", f"auto on cpu: no native bfloat16; int8 Linear measured {gain:.1f}x float32")
-        return Precision("float32", f"auto on cpu: no native bfloat16, int8 measured only {gain:.1f}x float32")
+        cpu = f"native bfloat16: {native}" if native else "no native bfloat16"
+        candidates = [c for c in AUTO_CANDIDATES[tower] if c != "bfloat16" or native]
+        gains = {k: v for k, v in speedups(tower).items() if k in candidates}
+        measured = "measured " + ", ".join(f"{k} {gains[k]:.2f}x" for k in candidates) + " float32"
+        for candidate in candidates:  # in order of preference, the first that the probe measures faster
+            if gains[candidate] >= MIN_SPEEDUP:
+                return Precision(candidate, f"auto on cpu for the {tower} tower: {measured} ({cpu})")
+        why = f"{measured}, none {MIN_SPEEDUP}x or more" if candidates else "nothing to try beside it"
+        return Precision("float32", f"auto on cpu for the {tower} tower: {why} ({cpu})")
     if name == "float16" and not cuda:
         raise ValueError(f"dtype float16 needs a cuda device; device is {device!r} (on cpu: auto, bfloat16, int8 or float32)")
     if name == "int8" and cuda:
