@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHT = as_float(-100.0, 100.0)
 # What a request's parameters may set; where the files live and how they are stored are fixed at start.
-REQUEST_OPTIONS = {"limit": as_int(1, MAX_LIMIT), "min_score": as_float(-1.0, 1.0), "filter": as_any,
+REQUEST_OPTIONS = {"limit": as_int(1, MAX_LIMIT), "min_score": as_float(), "filter": as_any,
                    "return_embeddings": as_bool, "like": as_any, "unlike": as_any, "query_weight": WEIGHT,
                    "like_weight": WEIGHT, "unlike_weight": WEIGHT}
 DUPLICATE_OPTIONS = {"threshold": as_float(0.5, 1.0)}
