@@ -495,6 +495,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.verbose:
         for noisy in ("jina", "transformers", "httpx", "huggingface_hub", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+        # gRPC's C core writes its notices past Python's logging, straight to the console (absl's "All log
+        # messages before absl::InitializeLog()", "Got goaway"): errors only, unless -v
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+        if args.command == "export":  # jina's exporter prints INFO lines with console markup
+            os.environ.setdefault("JINA_LOG_LEVEL", "WARNING")
     from clipseek.client import ClipseekError
 
     try:
