@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--limit", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--min-score", type=float, help="drop results scoring below this cosine")
     p.add_argument("--filter", help='JSON metadata filter, e.g. \'{"label": "cat", "width": {"$gte": 640}}\'')
+    p.add_argument("--after", metavar="DATE", help="only pictures taken at or after DATE (ISO: 2019-06-01 or "
+                                                    "2019-06-01T18:00; EXIF date, else the file's time)")
+    p.add_argument("--before", metavar="DATE", help="only pictures taken before DATE (ISO; 2019-09-01 ends with "
+                                                     "August 31)")
+    p.add_argument("--sort", choices=["score", "date"], default="score",
+                   help="order of the results kept: by score (default), or newest first (the best --limit by "
+                        "score are kept either way)")
     p.add_argument("--plot", metavar="PNG", help="save a grid of the hits with their scores")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
     _add_connection(p)
@@ -247,6 +254,13 @@ def _log_file(args, settings: Settings) -> Optional[str]:
     return log_path(settings)
 
 
+def _iso(seconds: Optional[float]) -> Optional[str]:
+    """Seconds since the epoch as an ISO datetime in UTC (the camera's own clock for an EXIF date)."""
+    import datetime as dt
+
+    return None if seconds is None else dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat()
+
+
 EMPTY_INDEX = "the index is empty: add pictures with `clipseek index DIR` (folders, globs, files or URLs)"
 
 
@@ -319,9 +333,12 @@ def cmd_search(args) -> int:
         print("error: give a text, --image or --like", file=sys.stderr)
         return 2
     hits = client.search(args.text, limit=args.limit, min_score=args.min_score, filter=where, image=args.image,
-                         plus=args.plus, minus=args.minus, like=args.like, unlike=args.unlike, weights=weights)
+                         plus=args.plus, minus=args.minus, like=args.like, unlike=args.unlike, weights=weights,
+                         after=args.after, before=args.before, sort=args.sort)
     if args.json:
-        print(json.dumps([{"rank": i + 1, "id": h.id, "score": round(h.score, 6), "uri": h.uri, "tags": h.tags}
+        print(json.dumps([{"rank": i + 1, "id": h.id, "score": round(h.score, 6), "uri": h.uri, "tags": h.tags,
+                           "taken": _iso(h.taken), "taken_from": h.taken_from, "camera": h.camera,
+                           "latitude": h.latitude, "longitude": h.longitude}
                           for i, h in enumerate(hits)], indent=2))
     else:
         if not hits:

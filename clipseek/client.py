@@ -93,6 +93,25 @@ def expand_sources(items: Iterable[str], report: Optional[IndexReport] = None) -
     return out
 
 
+def when_filter(where: Optional[Dict[str, Any]], after=None, before=None) -> Optional[Dict[str, Any]]:
+    """``where`` with ``taken`` at or after ``after`` and before ``before`` (ISO dates or epoch seconds); a
+    date alone (``2019-09-01``) means its first moment, so ``before="2019-09-01"`` ends with August 31."""
+    if after is None and before is None:
+        return where
+    taken: Dict[str, Any] = {}
+    if after is not None:
+        taken["$gte"] = after
+    if before is not None:
+        taken["$lt"] = before
+    if where and "taken" in where:  # a filter on taken already: the range joins its operators
+        taken = {**_as_ops(where["taken"]), **taken}
+    return {**(where or {}), "taken": taken}
+
+
+def _as_ops(value: Any) -> Dict[str, Any]:
+    return value if isinstance(value, dict) else {"$eq": value}
+
+
 def _is_loopback(host: str) -> bool:
     if host in ("localhost",):
         return True
@@ -260,8 +279,13 @@ class ClipseekClient:
     def search(self, text: Optional[str] = None, *, limit: int = 10, min_score: Optional[float] = None,
                filter: Optional[Dict[str, Any]] = None, image: Optional[str] = None,
                plus: Sequence[str] = (), minus: Sequence[str] = (), like: Sequence[str] = (),
-               unlike: Sequence[str] = (), weights: Optional[Dict[str, float]] = None) -> List[Hit]:
-        """The ``limit`` best matching images, best first.
+               unlike: Sequence[str] = (), weights: Optional[Dict[str, float]] = None,
+               after: Optional[Union[str, float]] = None, before: Optional[Union[str, float]] = None,
+               sort: str = "score") -> List[Hit]:
+        """The ``limit`` best matching images, best first (``sort="date"``: the same hits, newest first).
+
+        ``after`` / ``before`` (an ISO date or datetime, or seconds since the epoch) keep only pictures taken
+        in that range (EXIF date, else the file's mtime), applied before the top ``limit`` like ``filter``.
 
         The query is a ``text`` and/or an ``image`` (path, URL or bytes), moved towards each
         text or image in ``plus`` and away from each in ``minus``, and refined with the ids of
@@ -272,8 +296,11 @@ class ClipseekClient:
         if text is not None and not isinstance(text, str):
             raise TypeError(f"search() takes one text (str), got {type(text).__name__}; "
                             f"call it once per query, or use search_many() for a list")
+        if sort not in ("score", "date"):
+            raise ClipseekError(f"sort must be 'score' or 'date', got {sort!r}")
         query = self._query(text, image, plus, minus, weights or {})
-        return self._search([query], limit, min_score, filter, like, unlike, weights)[0]
+        hits = self._search([query], limit, min_score, when_filter(filter, after, before), like, unlike, weights)[0]
+        return sorted(hits, key=lambda h: -(h.taken if h.taken is not None else float("-inf"))) if sort == "date" else hits
 
     def search_many(self, texts: Sequence[str], *, limit: int = 10, min_score: Optional[float] = None,
                     filter: Optional[Dict[str, Any]] = None) -> List[List[Hit]]:

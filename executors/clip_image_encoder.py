@@ -58,6 +58,8 @@ def prepare(doc: ImageInput, recipe: Preprocess, *, url_timeout: float, max_byte
     else:
         raise ImageError(f"{name}: has no url, bytes_ or tensor to read an image from")
     width, height = getattr(img, "original_size", None) or img.size
+    if info is not None:
+        info.facts = getattr(img, "photo_facts", None)
     t2 = time.perf_counter()
     pixels = preprocess(img, recipe)
     if timings is not None:
@@ -228,6 +230,7 @@ class CLIPImageEncoder(Executor):
                         doc.content_hash = info.content_hash
                         doc.size = info.size
                         doc.mtime = doc.mtime if info.mtime is None else info.mtime
+                        _set_when_and_where(doc, getattr(info, "facts", None))
                 ready.append(doc)
                 arrays.append(pixels)
             t1 = time.perf_counter()
@@ -258,6 +261,19 @@ def _roots(roots) -> Optional[List[str]]:
     if isinstance(roots, str):
         roots = [r for r in roots.split(os.pathsep) if r]
     return [os.path.realpath(os.path.expanduser(os.fspath(r))) for r in roots]
+
+
+def _set_when_and_where(doc: ImageInput, facts) -> None:
+    """The EXIF date, camera and place of a picture on its document; without an EXIF date, its file's mtime
+    stands in (``taken_from`` says which). What the client sent itself is kept."""
+    if facts is not None:
+        if doc.taken is None and facts.taken is not None:
+            doc.taken, doc.taken_from = facts.taken, facts.taken_from
+        doc.camera = doc.camera or facts.camera
+        if doc.latitude is None and facts.latitude is not None:
+            doc.latitude, doc.longitude = facts.latitude, facts.longitude
+    if doc.taken is None and doc.mtime is not None:
+        doc.taken, doc.taken_from = doc.mtime, "mtime"
 
 
 def _source_name(uri: str) -> str:

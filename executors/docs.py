@@ -31,6 +31,13 @@ class ImageInput(ImageDoc):
     embedding_model: Optional[str] = None
     status: Optional[str] = None
     error: Optional[str] = None
+    # when and where the picture was taken, from its EXIF (taken_from: "DateTimeOriginal", "DateTime", or
+    # "mtime" when the file's modification time stands in); seconds since the epoch, degrees
+    taken: Optional[float] = None
+    taken_from: Optional[str] = None
+    camera: Optional[str] = None
+    latitude: Optional[float] = None
+    longitude: Optional[float] = None
 
 
 class Hit(BaseDoc):
@@ -43,6 +50,11 @@ class Hit(BaseDoc):
     height: Optional[int] = None
     mtime: Optional[float] = None
     size: Optional[int] = None
+    taken: Optional[float] = None
+    taken_from: Optional[str] = None
+    camera: Optional[str] = None
+    latitude: Optional[float] = None
+    longitude: Optional[float] = None
 
 
 class QueryPart(BaseDoc):

@@ -314,9 +314,11 @@ def _stored_uri(doc: ImageInput) -> Optional[str]:
 def _record(doc: ImageInput) -> Record:
     return Record(id=doc.id, uri=_stored_uri(doc),
                   tags=dict(doc.tags or {}), content_hash=doc.content_hash, mtime=doc.mtime, size=doc.size,
-                  width=doc.width, height=doc.height)
+                  width=doc.width, height=doc.height, taken=doc.taken, taken_from=doc.taken_from, camera=doc.camera,
+                  latitude=doc.latitude, longitude=doc.longitude)
 
 
 def _hit(record: Record, score: float) -> Hit:
     return Hit(id=record.id, uri=record.uri, score=score, tags=record.tags, width=record.width, height=record.height,
-               mtime=record.mtime, size=record.size)
+               mtime=record.mtime, size=record.size, taken=record.taken, taken_from=record.taken_from,
+               camera=record.camera, latitude=record.latitude, longitude=record.longitude)

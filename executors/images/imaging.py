@@ -130,6 +130,7 @@ class SourceInfo:
     mtime: Optional[float] = None
     size: Optional[int] = None
     content_hash: str = field(default="")
+    facts: Optional["PhotoFacts"] = None  # what the decoded picture's EXIF says (set after decoding)
 
     def __post_init__(self):
         if not self.content_hash:
@@ -343,7 +344,9 @@ def decode_image(data: bytes, name: str = "image", *, draft_size: Optional[int] 
             img.draft("RGB", (draft_size, draft_size))
         img.load()
         decoded_size = img.size
+        facts = photo_facts(img)
         img = to_rgb(ImageOps.exif_transpose(img))
+        img.photo_facts = facts
         if decoded_size != full_size:
             turned = img.size != decoded_size  # EXIF rotated it by 90 or 270 degrees
             img.original_size = (full_size[1], full_size[0]) if turned else full_size
@@ -358,6 +361,95 @@ def decode_image(data: bytes, name: str = "image", *, draft_size: Optional[int] 
         raise ImageError(f"{name}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: cannot decode image ({e})") from None
+
+
+# EXIF tags: in the Exif IFD (0x8769) DateTimeOriginal and its time-zone offset; in the main IFD DateTime,
+# Make and Model; in the GPS IFD (0x8825) latitude, longitude and their hemispheres.
+_EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
+_DATETIME_ORIGINAL, _OFFSET_ORIGINAL, _DATETIME, _MAKE, _MODEL = 0x9003, 0x9011, 0x0132, 0x010F, 0x0110
+
+
+@dataclass
+class PhotoFacts:
+    """What a picture's EXIF says of it: when it was taken (``taken``, seconds since the epoch; ``taken_from``
+    names the tag: ``DateTimeOriginal`` or ``DateTime``), the camera, and where (degrees, north and east
+    positive). A field the picture does not carry is None."""
+
+    taken: Optional[float] = None
+    taken_from: Optional[str] = None
+    camera: Optional[str] = None
+    latitude: Optional[float] = None
+    longitude: Optional[float] = None
+
+
+def photo_facts(img: Image.Image) -> PhotoFacts:
+    """The EXIF facts of a decoded picture (JPEG, PNG, WebP, TIFF, HEIC, AVIF: whatever Pillow reads EXIF
+    from); a damaged or absent EXIF block gives empty facts, never an error."""
+    facts = PhotoFacts()
+    try:
+        exif = img.getexif()
+    except Exception:  # noqa: BLE001 - EXIF is a bonus: a picture with broken EXIF still indexes
+        return facts
+    if not exif:
+        return facts
+    try:
+        sub = exif.get_ifd(_EXIF_IFD)
+    except Exception:  # noqa: BLE001
+        sub = {}
+    for tag, source, offset in ((_DATETIME_ORIGINAL, sub, sub.get(_OFFSET_ORIGINAL)), (_DATETIME, exif, None)):
+        taken = _exif_time(source.get(tag), offset)
+        if taken is not None:
+            facts.taken, facts.taken_from = taken, "DateTimeOriginal" if tag == _DATETIME_ORIGINAL else "DateTime"
+            break
+    make, model = (_exif_text(exif.get(t)) for t in (_MAKE, _MODEL))
+    if model and make and model.lower().startswith(make.lower().split()[0]):
+        make = None  # "Canon" + "Canon EOS R5" says Canon once
+    facts.camera = " ".join(p for p in (make, model) if p) or None
+    try:
+        gps = exif.get_ifd(_GPS_IFD)
+        lat, lon = _gps_degrees(gps.get(2), gps.get(1)), _gps_degrees(gps.get(4), gps.get(3))
+        if lat is not None and lon is not None and -90 <= lat <= 90 and -180 <= lon <= 180:
+            facts.latitude, facts.longitude = lat, lon
+    except Exception:  # noqa: BLE001
+        pass
+    return facts
+
+
+def _exif_text(value) -> Optional[str]:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    text = str(value).strip("\x00 ").strip() if value is not None else ""
+    return text or None
+
+
+def _exif_time(value, offset=None) -> Optional[float]:
+    """EXIF's "YYYY:MM:DD HH:MM:SS" as seconds since the epoch: in its ``offset`` ("+02:00") where the picture
+    records one, else as UTC (a camera's clock has no zone; UTC keeps the date the camera showed)."""
+    import datetime as dt
+
+    text = _exif_text(value)
+    if not text:
+        return None
+    try:
+        when = dt.datetime.strptime(text[:19], "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None
+    zone = dt.timezone.utc
+    off = _exif_text(offset)
+    if off and len(off) == 6 and off[0] in "+-" and off[3] == ":":
+        try:
+            minutes = int(off[1:3]) * 60 + int(off[4:6])
+            zone = dt.timezone(dt.timedelta(minutes=minutes if off[0] == "+" else -minutes))
+        except ValueError:
+            pass
+    return when.replace(tzinfo=zone).timestamp()
+
+
+def _gps_degrees(value, ref) -> Optional[float]:
+    if not value or len(value) != 3:
+        return None
+    degrees = float(value[0]) + float(value[1]) / 60 + float(value[2]) / 3600
+    return -degrees if _exif_text(ref) in ("S", "W") else degrees
 
 
 def decode_ceiling() -> Optional[int]:

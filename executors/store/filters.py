@@ -1,7 +1,8 @@
 """Metadata filters -> a SQL condition over the indexer's ``rows`` table.
 
 A filter is a dict. Each key is a stored column (``uri``, ``mtime``, ``size``, ``width``,
-``height``, ``indexed_at``) or a tag (``tags.NAME``, or plain ``NAME`` when it is no
+``height``, ``indexed_at``, ``taken`` (when the picture was taken), ``taken_from``, ``camera``,
+``latitude``, ``longitude``) or a tag (``tags.NAME``, or plain ``NAME`` when it is no
 column). Each value is either a scalar (equality) or a dict of operators:
 ``$eq $ne $gt $gte $lt $lte $in $nin``; ``null`` matches a missing tag or column. Several
 keys and operators all must hold.
@@ -18,8 +19,9 @@ import datetime as _dt
 import re
 from typing import Any, List, Mapping, Tuple
 
-COLUMNS = ("uri", "mtime", "size", "width", "height", "indexed_at", "content_hash")
-DATE_COLUMNS = ("mtime", "indexed_at")
+COLUMNS = ("uri", "mtime", "size", "width", "height", "indexed_at", "content_hash", "taken", "taken_from", "camera",
+           "latitude", "longitude")
+DATE_COLUMNS = ("mtime", "indexed_at", "taken")
 _OPS = {"$eq": "=", "$ne": "!=", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 _TAG_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 

@@ -47,7 +47,11 @@ DB_FILE = "meta.sqlite"
 LOCK_FILE = "write.lock"
 # Values per SQL "IN (...)": well under SQLite's limit of bound parameters in one statement.
 SQL_IN_CHUNK = 500
-META_COLUMNS = ("uri", "tags", "content_hash", "mtime", "size", "width", "height", "indexed_at")
+META_COLUMNS = ("uri", "tags", "content_hash", "mtime", "size", "width", "height", "indexed_at", "taken", "taken_from",
+                "camera", "latitude", "longitude")
+# Columns added after schema version 1 was fixed: an index made before them gains them when it is opened.
+ADDED_COLUMNS = (("taken", "REAL"), ("taken_from", "TEXT"), ("camera", "TEXT"), ("latitude", "REAL"),
+                 ("longitude", "REAL"))
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +77,11 @@ class Record:
     width: Optional[int] = None
     height: Optional[int] = None
     indexed_at: Optional[float] = None
+    taken: Optional[float] = None  # when the picture was taken (EXIF, else the file's mtime: see taken_from)
+    taken_from: Optional[str] = None
+    camera: Optional[str] = None
+    latitude: Optional[float] = None
+    longitude: Optional[float] = None
 
 
 class VectorStore:
@@ -124,7 +133,12 @@ class VectorStore:
                 "tags TEXT NOT NULL DEFAULT '{}', content_hash TEXT, mtime REAL, size INTEGER, width INTEGER, "
                 "height INTEGER, indexed_at REAL)"
             )
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(rows)")}
+            for name, kind in ADDED_COLUMNS:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE rows ADD COLUMN {name} {kind}")
             self._db.execute("CREATE INDEX IF NOT EXISTS rows_uri ON rows(uri)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS rows_taken ON rows(taken)")
             for key, value in (("schema_version", SCHEMA_VERSION), ("high_water", 0), ("generation", 0)):
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, str(value)))
             wanted = self._requested_dtype
@@ -303,13 +317,17 @@ class VectorStore:
                 self._db.executemany("DELETE FROM rows WHERE uri = ? AND id != ?",
                                      [(r.uri, r.id) for r in records if r.uri])
                 self._db.executemany(
-                    "INSERT INTO rows (row, id, uri, tags, content_hash, mtime, size, width, height, indexed_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET row=excluded.row, "
+                    "INSERT INTO rows (row, id, uri, tags, content_hash, mtime, size, width, height, indexed_at, "
+                    "taken, taken_from, camera, latitude, longitude) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET row=excluded.row, "
                     "uri=excluded.uri, tags=excluded.tags, content_hash=excluded.content_hash, mtime=excluded.mtime, "
-                    "size=excluded.size, width=excluded.width, height=excluded.height, indexed_at=excluded.indexed_at",
+                    "size=excluded.size, width=excluded.width, height=excluded.height, indexed_at=excluded.indexed_at, "
+                    "taken=excluded.taken, taken_from=excluded.taken_from, camera=excluded.camera, "
+                    "latitude=excluded.latitude, longitude=excluded.longitude",
                     [
                         (high_water + i, r.id, r.uri, json.dumps(r.tags or {}), r.content_hash, r.mtime, r.size,
-                         r.width, r.height, r.indexed_at if keep_indexed_at and r.indexed_at is not None else now)
+                         r.width, r.height, r.indexed_at if keep_indexed_at and r.indexed_at is not None else now,
+                         r.taken, r.taken_from, r.camera, r.latitude, r.longitude)
                         for i, r in enumerate(records)
                     ],
                 )
@@ -654,8 +672,8 @@ def _in_chunks(values: Sequence[Any], size: int = SQL_IN_CHUNK) -> Iterator[Tupl
 
 
 def _record(row: Sequence[Any]) -> Record:
-    rid, uri, tags, content_hash, mtime, size, width, height, indexed_at = row
-    return Record(rid, uri, json.loads(tags or "{}"), content_hash, mtime, size, width, height, indexed_at)
+    rid, uri, tags, content_hash, mtime, size, width, height, indexed_at, *when_where = row
+    return Record(rid, uri, json.loads(tags or "{}"), content_hash, mtime, size, width, height, indexed_at, *when_where)
 
 
 def _sync_folder(folder: str) -> None:

@@ -118,3 +118,26 @@ def test_snapshot_create_refuses_to_overwrite_without_force(tmp_path):
     assert refused.returncode == 2 and "exists; pass --force to replace it" in refused.stderr
     assert target.read_bytes() == b"precious"
     assert run("--force").returncode == 0 and target.read_bytes() != b"precious"
+
+
+def test_search_by_when_the_picture_was_taken(served, tmp_path):
+    from tests.unit.test_when_and_where import exif_jpeg
+
+    env, _ = served
+    assert _run(["clear", "--yes"], env).returncode == 0
+    folder = tmp_path / "trip"
+    folder.mkdir()
+    for name, taken, colour in (("winter", "2019:01:10 09:00:00", (20, 20, 220)), ("summer", "2019:07:04 10:00:00", (220, 20, 20)),
+                                ("late-summer", "2019:08:31 23:00:00", (200, 40, 40)), ("autumn", "2019:10:01 12:00:00", (230, 30, 30))):
+        exif_jpeg(folder / f"{name}.jpg", original=taken, colour=colour)
+    assert "indexed 4," in _run(["index", str(folder)], env).stdout
+    summer = json.loads(_run(["search", "a red picture", "--after", "2019-06-01", "--before", "2019-09-01", "--json"], env).stdout)
+    assert sorted(os.path.basename(h["uri"]) for h in summer) == ["late-summer.jpg", "summer.jpg"]
+    assert {h["taken"] for h in summer} == {"2019-07-04T10:00:00+00:00", "2019-08-31T23:00:00+00:00"}
+    assert {h["taken_from"] for h in summer} == {"DateTimeOriginal"} and {h["camera"] for h in summer} == {"Canon EOS R5"}
+    newest = json.loads(_run(["search", "a red picture", "--limit", "3", "--sort", "date", "--json"], env).stdout)
+    by_score = json.loads(_run(["search", "a red picture", "--limit", "3", "--json"], env).stdout)
+    assert {h["id"] for h in newest} == {h["id"] for h in by_score}  # the same best 3 by score ...
+    assert [h["taken"] for h in newest] == sorted((h["taken"] for h in newest), reverse=True)  # ... newest first
+    bad = _run(["search", "a red picture", "--after", "last summer"], env)
+    assert bad.returncode == 2 and "neither epoch seconds nor an ISO date" in bad.stderr
