@@ -4,8 +4,16 @@ A filter is a dict. Each key is a stored column (``uri``, ``mtime``, ``size``, `
 ``height``, ``indexed_at``, ``taken`` (when the picture was taken), ``taken_from``, ``camera``,
 ``latitude``, ``longitude``) or a tag (``tags.NAME``, or plain ``NAME`` when it is no
 column). Each value is either a scalar (equality) or a dict of operators:
-``$eq $ne $gt $gte $lt $lte $in $nin``; ``null`` matches a missing tag or column. Several
-keys and operators all must hold.
+``$eq $ne $gt $gte $lt $lte $in $nin``. Several keys and operators all must hold.
+
+A tag a row lacks, a tag stored as JSON null and an empty column are all "no value", and:
+
+- ``null`` (``{"label": null}``, ``{"$eq": null}``, or ``null`` in an ``$in`` list) matches a row with no
+  value; ``{"$ne": null}`` (or ``null`` in a ``$nin`` list) matches the rows that have one.
+- ``$ne`` and ``$nin`` with values match a row with no value, as MongoDB's do: ``{"label": {"$ne": "cat"}}``
+  is every row that is not labelled "cat", unlabelled rows included (SQL's ``!=`` and ``NOT IN`` alone would
+  silently drop them).
+- ``$eq``, ``$in`` and the ranges ``$gt $gte $lt $lte`` never match a row with no value.
 
     {"label": "cat", "width": {"$gte": 640}, "mtime": {"$gte": 1.7e9, "$lt": 1.8e9}}
 
@@ -48,11 +56,21 @@ def to_sql(spec: Mapping[str, Any] | None) -> Tuple[str, List[Any]]:
                 if not isinstance(value, (list, tuple)) or not value:
                     raise FilterError(f"filter on {key!r}: {op} needs a non-empty list, got {value!r}")
                 values = [_value(key, op, v) for v in value]
-                neg = "NOT " if op == "$nin" else ""
-                parts.append(f"{column} {neg}IN ({', '.join('?' * len(values))})")
-                params.extend(values)
+                present = [v for v in values if v is not None]
+                listed = f"{column} {'NOT ' if op == '$nin' else ''}IN ({', '.join('?' * len(present))})"
+                if op == "$in":  # null in the list: rows with no value match too
+                    terms = ([listed] if present else []) + ([f"{column} IS NULL"] if len(present) < len(values) else [])
+                    parts.append(f"({' OR '.join(terms)})")
+                elif len(present) < len(values):  # $nin with null: only rows with a value, outside the list
+                    parts.append(f"({column} IS NOT NULL AND {listed})" if present else f"{column} IS NOT NULL")
+                else:  # $nin: rows with no value match
+                    parts.append(f"({column} IS NULL OR {listed})")
+                params.extend(present)
             elif op in ("$eq", "$ne") and value is None:
                 parts.append(f"{column} IS {'NOT ' if op == '$ne' else ''}NULL")
+            elif op == "$ne":  # rows with no value match
+                parts.append(f"({column} IS NULL OR {column} != ?)")
+                params.append(_value(key, op, value))
             elif op in _OPS:
                 parts.append(f"{column} {_OPS[op]} ?")
                 params.append(_value(key, op, value))

@@ -139,6 +139,9 @@ def test_serve_flags_reach_the_flows(tiny_model, tmp_path):
 
 def test_serve_without_the_model_explains_itself(tmp_path):
     env = _env("openai/clip-vit-base-patch32", tmp_path, (free_port(), free_port()))
+    # an empty hub cache: the model is missing whatever this machine has downloaded before
+    (tmp_path / "hf-home" / "hub").mkdir(parents=True)
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(tmp_path / "hf-home" / "hub"))
     out = _run(["serve"], env, timeout=60)
     assert out.returncode == 2
     assert "openai/clip-vit-base-patch32" in out.stderr and "--model DIR" in out.stderr

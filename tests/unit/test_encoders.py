@@ -185,7 +185,29 @@ def test_device_and_dtype_choices():
         choose("int4", "cpu")
 
 
-def test_unreachable_model_names_it_and_says_what_to_do(tmp_path):
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache, offline: a hub name loads only from a cache, and this one holds nothing, whatever
+    this machine has downloaded before (nor does this process's cache of loaded models)."""
+    from collections import OrderedDict
+
+    from huggingface_hub import constants
+
+    from executors.models import loading
+
+    monkeypatch.setattr(loading, "_cache", OrderedDict())
+
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    for name, value in (("HF_HOME", cache.parent), ("HF_HUB_CACHE", cache), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(constants, "HF_HOME", str(cache.parent))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_unreachable_model_names_it_and_says_what_to_do(tmp_path, empty_hub_cache):
     with pytest.raises(ModelLoadError) as err:
         load_clip("openai/clip-vit-base-patch32", "cpu", "float32")
     message = str(err.value)
@@ -200,11 +222,12 @@ def test_unreachable_model_names_it_and_says_what_to_do(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_float16_on_cuda_matches_float32(tiny_model, picture_dir):
     _, paths = picture_dir
-    f32 = CLIPImageEncoder(pretrained_model_name_or_path=tiny_model, device="cuda")
+    f32 = CLIPImageEncoder(pretrained_model_name_or_path=tiny_model, device="cuda", dtype="float32")  # auto is float16 on cuda
     f16 = CLIPImageEncoder(pretrained_model_name_or_path=tiny_model, device="cuda", dtype="float16")
     a, b = (DocList[ImageInput]([ImageInput(url=p) for p in paths]) for _ in range(2))
     f32.encode(a)
     f16.encode(b)
+    assert f32._load(f32.defaults).precision == "float32" and f16._load(f16.defaults).precision == "float16"
     cos = (np.stack([d.embedding for d in a]) * np.stack([d.embedding for d in b])).sum(1)
     assert cos.min() > 0.99
 

@@ -1,97 +1,164 @@
-"""filters.to_sql: filter dicts -> SQL condition + parameters, and the errors for malformed filters."""
+"""Metadata filters run against a real VectorStore (its SQLite), with rows that have a field, lack it, and hold
+it as null: the ids each operator returns, and the errors for malformed filters."""
 
 import datetime as dt
-import json
-import sqlite3
 
+import numpy as np
 import pytest
 
 from executors.store.filters import FilterError, to_sql
+from executors.store.vector_store import Record, VectorStore
+
+MAY1 = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc).timestamp()
+DAY = 86400
+# a, b, c have every tag (c lacks "ok"); d has no tags and every column; e holds its tags as JSON null and
+# has empty columns.
+ROWS = [
+    Record("a", uri="/p/a.jpg", tags={"label": "cat", "n": 1, "ok": True, "width": 5}, mtime=MAY1 - DAY, size=100,
+           width=640, height=480),
+    Record("b", uri="/p/b.jpg", tags={"label": "dog", "n": 2, "ok": False}, mtime=MAY1 + 3600, size=200, width=1024,
+           height=768),
+    Record("c", uri="/p/c.png", tags={"label": "cat", "n": 3}, mtime=MAY1 + 40 * DAY, size=300, width=320, height=240),
+    Record("d", uri="/p/d.png", tags={}, mtime=MAY1 + DAY, size=400, width=4000, height=3000),
+    Record("e", uri="/p/e.png", tags={"label": None, "n": None, "ok": None}),
+]
+ALL = {"a", "b", "c", "d", "e"}
 
 
-def tag(name):
-    return f"json_extract(tags, '$.\"{name}\"')"
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = VectorStore(str(tmp_path_factory.mktemp("filters") / "store"))
+    vectors = np.random.default_rng(0).standard_normal((len(ROWS), 8)).astype(np.float32)
+    store.upsert(vectors, ROWS)
+    assert store.get(["e"])["e"].width is None and store.get(["d"])["d"].tags == {}
+    yield store
+    store.close()
+
+
+def matching(store, where):
+    """The ids the store returns for ``where``, out of every row (limit above the row count)."""
+    [hits] = store.search(np.ones(8, np.float32), limit=100, where=where)
+    return {record.id for record, _ in hits}
+
+
+def test_no_filter_is_every_row(store):
+    assert matching(store, None) == matching(store, {}) == ALL
+    assert to_sql(None) == to_sql({}) == ("1", [])
+
+
+@pytest.mark.parametrize(
+    "where, ids",
+    [
+        # equality: a scalar, or $eq; a row that lacks the tag or holds null never equals a value
+        ({"label": "cat"}, {"a", "c"}),
+        ({"label": {"$eq": "dog"}}, {"b"}),
+        ({"n": 2}, {"b"}),
+        ({"n": "2"}, set()),  # types are compared as stored: the number 2 is not the string "2"
+        ({"ok": True}, {"a"}),  # booleans compare as JSON true / false
+        ({"ok": False}, {"b"}),
+        # $ne: every row without that value, rows lacking the tag or holding null included (MongoDB's meaning)
+        ({"label": {"$ne": "cat"}}, {"b", "d", "e"}),
+        ({"n": {"$ne": 1}}, {"b", "c", "d", "e"}),
+        ({"ok": {"$ne": True}}, {"b", "c", "d", "e"}),
+        # null: no value (lacking or null); $ne null: has one
+        ({"label": None}, {"d", "e"}),
+        ({"label": {"$eq": None}}, {"d", "e"}),
+        ({"label": {"$ne": None}}, {"a", "b", "c"}),
+        ({"ok": None}, {"c", "d", "e"}),
+        # ranges never match a missing value
+        ({"n": {"$gt": 1}}, {"b", "c"}),
+        ({"n": {"$gte": 2}}, {"b", "c"}),
+        ({"n": {"$lt": 2}}, {"a"}),
+        ({"n": {"$lte": 2}}, {"a", "b"}),
+        ({"n": {"$gt": 1, "$lt": 3}}, {"b"}),
+        # $in: never a missing value, unless null is listed
+        ({"label": {"$in": ["cat", "dog"]}}, {"a", "b", "c"}),
+        ({"n": {"$in": [1, 3]}}, {"a", "c"}),
+        ({"label": {"$in": ["dog", None]}}, {"b", "d", "e"}),
+        ({"label": {"$in": [None]}}, {"d", "e"}),
+        # $nin: every row outside the list, rows lacking the tag or holding null included, unless null is listed
+        ({"label": {"$nin": ["cat"]}}, {"b", "d", "e"}),
+        ({"n": {"$nin": [1, 2]}}, {"c", "d", "e"}),
+        ({"label": {"$nin": ["cat", None]}}, {"b"}),
+        ({"label": {"$nin": [None]}}, {"a", "b", "c"}),
+        ({"label": {"$nin": ["cat", "dog"]}}, {"d", "e"}),
+        # the tags. prefix names a tag, also one that shadows a column
+        ({"tags.label": "dog"}, {"b"}),
+        ({"tags.width": 5}, {"a"}),
+        ({"tags.width": {"$ne": 5}}, {"b", "c", "d", "e"}),
+        ({"tags.width": None}, {"b", "c", "d", "e"}),
+        ({"tags.missing": {"$ne": "x"}}, ALL),
+        ({"tags.missing": {"$nin": ["x", "y"]}}, ALL),
+        ({"tags.missing": {"$in": ["x"]}}, set()),
+        ({"tags.missing": None}, ALL),
+        # every key and operator must hold
+        ({"label": "cat", "n": {"$gte": 2}}, {"c"}),
+        ({"label": {"$ne": "cat"}, "n": {"$ne": 2}}, {"d", "e"}),
+    ],
+)
+def test_operators_on_tags(store, where, ids):
+    assert matching(store, where) == ids
+
+
+@pytest.mark.parametrize(
+    "where, ids",
+    [
+        ({"width": 640}, {"a"}),
+        ({"uri": {"$eq": "/p/c.png"}}, {"c"}),
+        ({"width": {"$ne": 640}}, {"b", "c", "d", "e"}),  # e's width is empty: it matches $ne
+        ({"width": None}, {"e"}),
+        ({"width": {"$ne": None}}, {"a", "b", "c", "d"}),
+        ({"width": {"$gt": 640}}, {"b", "d"}),
+        ({"width": {"$gte": 640, "$lt": 4000}}, {"a", "b"}),
+        ({"height": {"$lte": 480}}, {"a", "c"}),
+        ({"size": {"$lt": 300}}, {"a", "b"}),
+        ({"size": {"$in": [100, 400]}}, {"a", "d"}),
+        ({"size": {"$nin": [100, 300]}}, {"b", "d", "e"}),
+        ({"size": {"$nin": [100, 300, None]}}, {"b", "d"}),
+        ({"width": {"$gt": 400}, "label": "cat"}, {"a"}),
+        ({"indexed_at": {"$gt": 0}}, ALL),
+    ],
+)
+def test_operators_on_columns(store, where, ids):
+    assert matching(store, where) == ids
 
 
 @pytest.fixture
-def db():
-    """The rows table the store filters, with a few rows to run conditions against."""
-    con = sqlite3.connect(":memory:")
-    con.execute("CREATE TABLE rows (row INTEGER PRIMARY KEY, id TEXT, uri TEXT, tags TEXT, content_hash TEXT, "
-                "mtime REAL, size INTEGER, width INTEGER, height INTEGER, indexed_at REAL)")
-    may1 = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc).timestamp()
-    rows = [
-        (0, "a", "/p/a.jpg", {"label": "cat", "n": 1, "ok": True}, may1 - 86400, 100, 640, 480),
-        (1, "b", "/p/b.jpg", {"label": "dog", "n": 2, "ok": False}, may1 + 3600, 200, 1024, 768),
-        (2, "c", "/p/c.png", {"label": "cat", "n": 3}, may1 + 40 * 86400, 300, 320, 240),
-        (3, "d", "/p/d.png", {}, may1 + 86400, 400, 4000, 3000),
-    ]
-    con.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, 0)",
-                    [(r, i, u, json.dumps(t), m, s, w, h) for r, i, u, t, m, s, w, h in rows])
-    yield con
-    con.close()
+def far_from_utc(monkeypatch):
+    """This process's local time zone 10 hours west of UTC, so that a naive date read as local time shows."""
+    import time
+
+    monkeypatch.setenv("TZ", "Etc/GMT+10")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
 
 
-def matching(db, spec):
-    cond, params = to_sql(spec)
-    return [i for (i,) in db.execute(f"SELECT id FROM rows WHERE {cond} ORDER BY row", params)]
-
-
-def test_empty_filter_is_true():
-    assert to_sql(None) == ("1", [])
-    assert to_sql({}) == ("1", [])
-
-
-def test_equality_on_columns_and_tags(db):
-    assert to_sql({"width": 640}) == ("width = ?", [640])
-    assert to_sql({"label": "cat"}) == (f"{tag('label')} = ?", ["cat"])
-    assert to_sql({"uri": {"$eq": "/p/a.jpg"}}) == ("uri = ?", ["/p/a.jpg"])
-    assert to_sql({"label": {"$ne": "cat"}}) == (f"{tag('label')} != ?", ["cat"])
-    assert matching(db, {"label": "cat"}) == ["a", "c"]
-    assert matching(db, {"width": 1024}) == ["b"]
-    assert matching(db, {"ok": True}) == ["a"]  # booleans compare as JSON true -> 1
-    assert to_sql({"ok": False}) == (f"{tag('ok')} = ?", [0])
-
-
-def test_tags_prefix_reaches_tags_that_shadow_columns(db):
-    assert to_sql({"tags.width": 5}) == (f"{tag('width')} = ?", [5])
-    assert to_sql({"tags.label": "cat"}) == (f"{tag('label')} = ?", ["cat"])
-    assert matching(db, {"tags.label": "dog"}) == ["b"]
-
-
-def test_in_and_nin(db):
-    assert to_sql({"label": {"$in": ["cat", "dog"]}}) == (f"{tag('label')} IN (?, ?)", ["cat", "dog"])
-    assert to_sql({"size": {"$nin": [100, 300, 400]}}) == ("size NOT IN (?, ?, ?)", [100, 300, 400])
-    assert matching(db, {"tags.n": {"$in": [1, 3]}}) == ["a", "c"]
-    assert matching(db, {"size": {"$nin": [100, 300]}}) == ["b", "d"]
-
-
-def test_ranges_all_must_hold(db):
-    cond, params = to_sql({"width": {"$gte": 640, "$lt": 4000}, "height": {"$gt": 100, "$lte": 768}})
-    assert cond == "width >= ? AND width < ? AND height > ? AND height <= ?"
-    assert params == [640, 4000, 100, 768]
-    assert matching(db, {"width": {"$gte": 640, "$lt": 4000}}) == ["a", "b"]
-    assert matching(db, {"width": {"$gt": 400}, "label": "cat"}) == ["a"]
-
-
-def test_iso_dates_on_mtime(db):
-    may1 = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc).timestamp()
-    june1 = dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc).timestamp()
-    assert to_sql({"mtime": {"$gte": "2024-05-01", "$lt": "2024-06-01"}}) == ("mtime >= ? AND mtime < ?", [may1, june1])
-    # an explicit offset is honoured; naive dates are UTC
-    assert to_sql({"mtime": {"$gt": "2024-05-01T02:00:00+02:00"}})[1] == [may1]
-    assert to_sql({"indexed_at": {"$lt": "2024-05-01T00:00:00"}})[1] == [may1]
+def test_iso_dates_on_mtime(store, far_from_utc):
+    assert matching(store, {"mtime": {"$gte": "2024-05-01", "$lt": "2024-06-01"}}) == {"b", "d"}
+    assert matching(store, {"mtime": {"$lt": "2024-05-01"}}) == {"a"}
+    assert matching(store, {"mtime": {"$ne": "2024-05-02"}}) == ALL - {"d"}  # d is May 2nd, 00:00 UTC
+    # an explicit offset is honoured (01:00 UTC on May 1st); naive dates are UTC
+    assert matching(store, {"mtime": {"$gt": "2024-05-01T02:00:00+02:00", "$lt": "2024-05-01T01:30:00"}}) == {"b"}
     # epoch seconds pass through unchanged
-    assert to_sql({"mtime": {"$gte": 1.7e9}})[1] == [1.7e9]
-    assert matching(db, {"mtime": {"$gte": "2024-05-01", "$lt": "2024-06-01"}}) == ["b", "d"]
-    assert matching(db, {"mtime": {"$lt": "2024-05-01"}}) == ["a"]
-    # a date-looking string on a tag is not converted
+    assert matching(store, {"mtime": {"$gte": MAY1 + DAY, "$lt": MAY1 + 2 * DAY}}) == {"d"}
+    assert matching(store, {"indexed_at": {"$lt": "2000-01-01"}}) == set()
+    # a date-looking string on a tag is compared as a string
     assert to_sql({"day": "2024-05-01"})[1] == ["2024-05-01"]
 
 
-def test_parameters_not_inlined():
+def test_values_are_parameters_never_sql(store):
+    assert matching(store, {"label": "x' OR 1=1 --"}) == set()
+    assert matching(store, {"label": {"$nin": ["x') OR 1=1 --"]}, "n": 1}) == {"a"}
     cond, params = to_sql({"label": "x' OR 1=1 --"})
     assert "OR 1=1" not in cond and params == ["x' OR 1=1 --"]
+    assert matching(store, None) == ALL  # the table is untouched
+
+
+def test_a_bad_filter_is_refused_by_the_store(store):
+    with pytest.raises(FilterError, match=r"'\$regex'"):
+        matching(store, {"label": {"$regex": "c.*"}})
 
 
 @pytest.mark.parametrize(
@@ -132,10 +199,3 @@ def test_unknown_operator_lists_the_valid_ones():
 
 def test_filter_error_is_value_error():
     assert issubclass(FilterError, ValueError)
-
-
-def test_null_matches_missing_values():
-    from executors.store.filters import to_sql
-
-    sql, params = to_sql({"label": None, "width": {"$ne": None}})
-    assert "IS NULL" in sql and "IS NOT NULL" in sql and params == []

@@ -1,7 +1,9 @@
 """Every precision keeps search quality: ViT-B/32-shaped embeddings stay within a cosine of transformers'
-own float32 features, and the shipped model retrieves held-out pictures as well as in float32."""
+own float32 features, the shipped model retrieves held-out pictures as well as in float32, and what ``auto`` picks
+on this machine runs no slower than float32."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -66,39 +68,61 @@ def test_int8_quantizes_the_linear_layers(vit_b32):
     assert not any(type(m) is torch.nn.Linear for m in clip.model.modules())
 
 
-def test_auto_picks_by_what_the_machine_runs_well(monkeypatch):
-    no_bf16 = {"avx512_bf16": False, "amx": False, "vnni": True, "avx2": True}
+# ``auto`` may pick a precision only if this machine runs it at most this much slower than float32, measured
+# here as the best of several interleaved repeats (2 shared CPUs jitter by ~10-20%; bfloat16 emulated without
+# native support ran 2-8x slower than float32, float16 on a CPU 2.3x slower).
+AUTO_SLOWDOWN_TOLERANCE = 1.3
+WORK = {"image": "a batch of 2 pictures (indexing)", "text": "one short query (search)"}
+
+
+def _best_times(calls, repeats):
+    """Best wall time of each call, the calls taking turns so that a busy moment of the machine hits them alike."""
+    for call in calls:
+        call()  # the first call of a model pays for its kernels' set-up
+    times = [[] for _ in calls]
+    for _ in range(repeats):
+        for spent, call in zip(times, calls):
+            t0 = time.perf_counter()
+            call()
+            spent.append(time.perf_counter() - t0)
+    return [min(spent) for spent in times]
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_auto_is_never_slower_than_float32_and_keeps_quality(vit_b32, reference, tower, monkeypatch):
+    """What ``auto`` must achieve on whatever CPU runs this (native bfloat16, VNNI, or AVX2 only): the precision it
+    picks runs the tower's usual work (``WORK``) no slower than float32 does on this machine, and keeps the
+    parity bound of that precision (MIN_COSINE) to transformers' float32 features."""
+    from executors.models.loading import DTYPE_ENV
+
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    pixels, image_ref, text_ref = reference
+    text = tower == "text"
+    picked = load_clip(vit_b32, "cpu", "auto", with_tokenizer=text)
+    float32 = load_clip(vit_b32, "cpu", "float32", with_tokenizer=text)
+    chosen = precision.choose("auto", "cpu", tower=tower)
+    assert picked.precision == chosen.name and chosen.reason.startswith("auto on cpu")
+
+    if text:
+        work = lambda clip: text_embeddings(clip, TEXTS[:1])  # noqa: E731
+        got, want = text_embeddings(picked, TEXTS), text_ref
+    else:
+        work = lambda clip: image_embeddings(clip, pixels[:2])  # noqa: E731
+        got, want = image_embeddings(picked, pixels), image_ref
+    cosines = (got * want).sum(axis=1)
+    if picked.precision != "float32":  # float32 is the measure itself
+        t_picked, t_float32 = _best_times([lambda: work(picked), lambda: work(float32)], repeats=15 if text else 5)
+        print(f"{tower} tower, {WORK[tower]}: auto picked {picked.precision} ({chosen.reason}): "
+              f"{t_picked * 1e3:.1f} ms, float32 {t_float32 * 1e3:.1f} ms; min cosine {cosines.min():.5f}")
+        assert t_picked <= AUTO_SLOWDOWN_TOLERANCE * t_float32, (
+            f"auto picked {picked.precision} for the {tower} tower, which runs {WORK[tower]} in {t_picked * 1e3:.1f} ms "
+            f"on this machine; float32 takes {t_float32 * 1e3:.1f} ms ({chosen.reason})")
+    assert cosines.min() >= MIN_COSINE[picked.precision], (picked.precision, cosines)
+
+
+def test_auto_on_cuda_is_float16():
     assert precision.choose("auto", "cuda").name == "float16"
     assert precision.choose(None, "cuda:1").name == "float16"
-    monkeypatch.setattr(precision, "cpu_capabilities", lambda: {**no_bf16, "avx512_bf16": True})
-    chosen = precision.choose("auto", "cpu")
-    assert chosen.name == "bfloat16" and "native bfloat16" in chosen.reason
-    assert precision.choose("auto", "cpu", tower="text").name == "int8"  # short queries: VNNI int8
-    monkeypatch.setattr(precision, "cpu_capabilities", lambda: {**no_bf16, "avx512_bf16": True, "vnni": False})
-    assert precision.choose("auto", "cpu", tower="text").name == "bfloat16"
-    monkeypatch.setattr(precision, "cpu_capabilities", lambda: no_bf16)
-    monkeypatch.setattr(precision, "int8_speedup", lambda: 2.5)
-    chosen = precision.choose("auto", "cpu")
-    assert chosen.name == "int8" and "2.5x" in chosen.reason
-    monkeypatch.setattr(precision, "int8_speedup", lambda: 1.0)
-    assert precision.choose("auto", "cpu").name == "float32"
-
-
-def test_auto_on_this_cpu_names_its_reason():
-    caps = precision.cpu_capabilities()
-    chosen = precision.choose("auto", "cpu")
-    if caps["avx512_bf16"] or caps["amx"]:
-        assert chosen.name == "bfloat16"
-    else:
-        assert chosen.name in ("int8", "float32")
-    assert chosen.reason.startswith("auto on cpu")
-    if caps["vnni"]:
-        assert precision.choose("auto", "cpu", tower="text").name == "int8"
-
-
-def test_the_probe_measures_int8_against_float32():
-    gain = precision.int8_speedup()
-    assert gain > 0 and np.isfinite(gain)
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(DEMO_MODEL_DIR, "config.json")), reason="no demo model")
