@@ -3,6 +3,7 @@
 #   docker build --build-arg EXECUTOR=clip_text_encoder  -t clipseek/clip_text_encoder:0.1.0 .
 #   docker build --build-arg EXECUTOR=simple_indexer     -t clipseek/simple_indexer:0.1.0 .
 #   docker build --build-arg EXECUTOR=shard_merger       -t clipseek/shard_merger:0.1.0 .
+#   docker build --build-arg EXECUTOR=read_only_gateway  -t clipseek/read_only_gateway:0.1.0 .   (the search flow's gateway)
 FROM python:3.11-slim
 ARG EXECUTOR=simple_indexer
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
