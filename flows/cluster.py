@@ -253,27 +253,9 @@ def shared_flows_in_subprocess(settings: Settings, timeout: float = 300.0) -> It
     """``running_shared_flows`` in a fresh Python process (started by spawn, as ``flows_in_subprocess``
     does for ``clipseek serve``'s flows), stopped on exit."""
     import multiprocessing
-    import queue
-    import time
 
-    context = multiprocessing.get_context("spawn")
-    ready, stop, errors = context.Event(), context.Event(), context.Queue()
-    process = context.Process(target=_serve_shared, name="clipseek-shared-flows",
-                              args=(settings, multiprocessing.get_start_method(), ready, stop, errors, os.getpid()))
-    process.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not ready.wait(0.2):
-            if not process.is_alive() or time.monotonic() > deadline:
-                try:
-                    reason = errors.get(timeout=1)
-                except queue.Empty:
-                    reason = f"exit code {process.exitcode}" if not process.is_alive() else f"not ready after {timeout:.0f} s"
-                raise RuntimeError(f"the flows did not start: {reason}")
+    from flows.serving import served_in_subprocess
+
+    with served_in_subprocess(_serve_shared, "clipseek-shared-flows", timeout, settings,
+                              multiprocessing.get_start_method(), parent_pid=os.getpid()):
         yield
-    finally:
-        stop.set()
-        process.join(120)
-        if process.is_alive():
-            process.terminate()
-            process.join(30)

@@ -509,16 +509,26 @@ def flows_in_subprocess(settings: Settings, timeout: float = 300.0, log_file: Op
     the workspace (``workspace_lock``), unless this process already does.
     """
     import multiprocessing
+
+    lock = lock_path(settings.workspace) not in _held_workspaces
+    with served_in_subprocess(_serve_until_stopped, "clipseek-flows", timeout,
+                              settings, multiprocessing.get_start_method(), log_file=log_file, parent_pid=os.getpid(),
+                              lock=lock):
+        yield
+
+
+@contextlib.contextmanager
+def served_in_subprocess(target, name: str, timeout: float, *args, **kwargs) -> Iterator[None]:
+    """``target(*args, ready, stop, errors, **kwargs)`` in a fresh Python process (started by spawn): it sets
+    ``ready`` once serving, serves until ``stop`` is set and puts what went wrong in ``errors``. Returns once
+    it is ready (RuntimeError with its reason if it never is); stops it on exit."""
+    import multiprocessing
     import queue
     import time
 
     context = multiprocessing.get_context("spawn")
     ready, stop, errors = context.Event(), context.Event(), context.Queue()
-    lock = lock_path(settings.workspace) not in _held_workspaces
-    process = context.Process(target=_serve_until_stopped,
-                              args=(settings, multiprocessing.get_start_method(), ready, stop, errors, log_file,
-                                    os.getpid(), lock),
-                              name="clipseek-flows")
+    process = context.Process(target=target, args=(*args, ready, stop, errors), kwargs=kwargs, name=name)
     process.start()
     try:
         deadline = time.monotonic() + timeout
@@ -534,7 +544,7 @@ def flows_in_subprocess(settings: Settings, timeout: float = 300.0, log_file: Op
         stop.set()
         process.join(120)
         if process.is_alive():
-            logger.warning("the flows' process did not stop in time; terminating it")
+            logger.warning("the process %s did not stop in time; terminating it", name)
             process.terminate()
             process.join(30)
 

@@ -35,8 +35,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from executors.store.vector_store import (LOCK_FILE, SCHEMA_VERSION, STORAGE, Record, StoreError, StoreLockedError,
-                                          VectorStore)
+from executors.store.vector_store import SCHEMA_VERSION, STORAGE, Record, StoreError, VectorStore, lock_writer
 
 FORMAT = 1
 BATCH = 4096
@@ -272,18 +271,7 @@ def _parse_record(path: str, line_no: int, line: bytes) -> Record:
 
 def _lock_writer(folder: str) -> int:
     """Hold the writer lock of the index in ``folder`` (the same lock a writing VectorStore takes)."""
-    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreLockedError(
-            f"index at {folder} is open for writing by another process (pid {holder}); "
-            f"stop that process before restoring into it") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
+    return lock_writer(folder, "stop that process before restoring into it")
 
 
 def _swap(staged: str, folder: str) -> None:

@@ -212,19 +212,7 @@ class VectorStore:
             return
         if self.read_only:
             raise StoreError(f"index at {self.path} is open read-only here; writes go through the index flow")
-        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreLockedError(
-                f"index at {self.path} is open for writing by another process (pid {holder}); "
-                f"stop that process or use another workspace"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = lock_writer(self.path, "stop that process or use another workspace")
 
     def _vectors_file(self, dtype: str) -> str:
         return os.path.join(self.path, STORAGE[dtype][0])
@@ -632,6 +620,22 @@ class _Transaction:
     def __exit__(self, exc_type, exc, tb):
         self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
         return False
+
+
+def lock_writer(folder: str, advice: str) -> int:
+    """Take the writer lock of the store in ``folder`` (a file descriptor holding ``write.lock`` with this
+    process's pid in it), or StoreLockedError naming the holder's pid and ``advice``."""
+    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreLockedError(f"index at {folder} is open for writing by another process (pid {holder}); "
+                               f"{advice}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 def recorded_meta(folder: str) -> Dict[str, str]:
