@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parser = sub.add_parser
     sub.add_parser = lambda *a, **kw: _add_parser(*a, parents=[common], **kw)  # -v after the command too
 
-    p = sub.add_parser("serve", help="start the index and search flows over gRPC (Ctrl-C stops them)")
+    p = sub.add_parser("serve", help="start the index and search flows over gRPC (Ctrl-C stops them)",
+                       description="Start the index flow and the search flow over gRPC and keep them running until "
+                                   "Ctrl-C or SIGTERM. Their own logs go to clipseek.log in the workspace (-v shows "
+                                   "them here). One server per workspace.")
     _add_connection(p)
     _add_model(p)
     p.add_argument("--allow-private-urls", action="store_true", default=None,
@@ -78,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(HOST as the flows: 127.0.0.1 unless --bind)")
     p.add_argument("--web-port", type=int, help="port of the --web page (env CLIPSEEK_WEB_PORT, default 51002)")
 
-    p = sub.add_parser("index", help="index images: folders (recursive), globs, files, URLs")
+    p = sub.add_parser("index", help="index images: folders (recursive), globs, files, URLs",
+                       description="Embed pictures and store them in the index of a running `clipseek serve`: "
+                                   "folders are walked recursively, globs expanded, URLs fetched by the server. Files "
+                                   "unchanged since the last run are skipped. The exit code is 1 if any file failed.")
     p.add_argument("sources", nargs="+", help="folder, glob, image file, or http(s)/file/data URL")
     p.add_argument("--request-size", dest="request_size", type=int, default=DEFAULT_REQUEST_SIZE,
                    help=f"images per request (default {DEFAULT_REQUEST_SIZE}: several model batches, so decoding "
@@ -90,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="keep indexing new and changed files until Ctrl-C")
     _add_connection(p)
 
-    p = sub.add_parser("search", help="find the images that best match a text")
+    p = sub.add_parser("search", help="find the images that best match a text",
+                       description="Find the indexed pictures that best match a text, an example image or both, "
+                                   "moved towards (--plus) or away from (--minus) other texts or images, and refined "
+                                   "with the ids of results you liked or not. Prints rank, score (cosine, -1 to 1), "
+                                   "path and [id].")
     p.add_argument("text", nargs="?", help="what to look for, e.g. 'a black cat' (optional with --image or --like)")
     p.add_argument("--image", help="search by example: an image file or URL (with a text, both count)")
     p.add_argument("--plus", action="append", default=[], metavar="TEXT|IMAGE", help="move towards this text or image")
@@ -113,59 +123,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable results")
     _add_connection(p)
 
-    p = sub.add_parser("demo", help="offline walkthrough: generate pictures, serve, index, search, plot")
+    p = sub.add_parser("demo", help="offline walkthrough: generate pictures, serve, index, search, plot",
+                       description="Offline walkthrough: generate a world of pictures, start both flows with the "
+                                   "small CLIP shipped in data/models/clipseek-demo, index the pictures, run a few "
+                                   "queries, print the hits and save a grid of them.")
     p.add_argument("--model", help="CLIP model (default: the shipped data/models/clipseek-demo)")
     p.add_argument("--images", help="index this folder instead of generated pictures")
     p.add_argument("--query", action="append", help="query to run (repeatable; default: five demo queries)")
-    p.add_argument("-k", "--limit", type=int, default=5)
+    p.add_argument("-k", "--limit", type=int, default=5, help="results per query (default 5)")
     p.add_argument("-n", "--count", type=int, default=240, help="pictures to generate (default 240)")
     p.add_argument("--plot", default="demo-hits.png", help="where to save the grid of hits (default demo-hits.png)")
     p.add_argument("--device", help="cpu, cuda ... (default cuda if available)")
     p.add_argument("--workspace", help="folder for the demo's pictures and index (default workspace/demo)")
 
-    p = sub.add_parser("train-demo-model", help="train the small demo CLIP on the generated picture world (CPU)")
+    p = sub.add_parser("train-demo-model", help="train the small demo CLIP on the generated picture world (CPU)",
+                       description="Train the small demo CLIP on the generated picture world, on the CPU, within a "
+                                   "time budget; evaluate it on held-out pictures and save it, with training.json, "
+                                   "to --out.")
     from clipseek.demo.train import add_arguments as add_training_arguments
 
     add_training_arguments(p)
 
-    p = sub.add_parser("snapshot", help="write the index to one portable file, or restore it from one")
-    p.add_argument("action", choices=["create", "restore"])
+    p = sub.add_parser("snapshot", help="write the index to one portable file, or restore it from one",
+                       description="create: write the index of a workspace to one portable, checksummed file. "
+                                   "restore: replace the index with the one in such a file, verified whole before "
+                                   "anything is replaced (stop the servers of that workspace first).")
+    p.add_argument("action", choices=["create", "restore"],
+                   help="create: write the index to FILE; restore: replace the index with the one in FILE")
     p.add_argument("file", help="snapshot file (.zip)")
     p.add_argument("--force", action="store_true", help="create: replace the file if it exists")
     p.add_argument("--workspace", help="workspace of the index (env CLIPSEEK_WORKSPACE, default ./workspace of the project)")
     p.add_argument("--shard", type=int, default=0, help="shard of the index (default 0)")
 
-    p = sub.add_parser("export", help="write Kubernetes or docker compose manifests of both flows")
-    p.add_argument("kind", choices=["kubernetes", "docker-compose"])
+    p = sub.add_parser("export", help="write Kubernetes or docker compose manifests of both flows",
+                       description="Write Kubernetes manifests or docker compose files for both flows, with one "
+                                   "image per executor (build them from the Dockerfile).")
+    p.add_argument("kind", choices=["kubernetes", "docker-compose"],
+                   help="kubernetes manifests (one namespace per flow) or docker compose files")
     p.add_argument("out", help="output folder")
     p.add_argument("--image-prefix", default="clipseek", help="registry/prefix of the executor images (default clipseek)")
     p.add_argument("--tag", default="0.1.0", help="image tag (default 0.1.0)")
     p.add_argument("--shards", type=int, help="indexer shards (default: as in the flow YAMLs)")
     p.add_argument("--model", help="CLIP model the encoders load inside their containers")
 
-    p = sub.add_parser("classify", help="zero-shot labels for an image, with probabilities")
+    p = sub.add_parser("classify", help="zero-shot labels for an image, with probabilities",
+                       description="Zero-shot classification on the search flow: score one image against each "
+                                   "label and print the labels with their probabilities, most likely first.")
     p.add_argument("image", help="image file or URL")
     p.add_argument("--labels", help="comma-separated labels, e.g. 'cat,dog,car'")
     p.add_argument("--labels-file", help="file with one label per line")
     p.add_argument("--template", help="prompt template with {} for the label (default 'a photo of a {}')")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the labels and probabilities as JSON")
     _add_connection(p)
 
-    p = sub.add_parser("duplicates", help="list groups of near-identical images in the index")
+    p = sub.add_parser("duplicates", help="list groups of near-identical images in the index",
+                       description="List groups of near-identical pictures in the index (the same photo resized, "
+                                   "recompressed or lightly cropped): every stored vector is compared with every "
+                                   "other, and pairs at or above --threshold are linked into groups.")
     p.add_argument("--threshold", type=_threshold, default=0.95,
                    help="cosine at or above which two images are one, from 0.5 to 1 (default 0.95)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the groups as JSON (id, uri, score of each picture)")
     _add_connection(p)
 
-    p = sub.add_parser("status", help="count, dimension, model and size of the index")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("status", help="count, dimension, model and size of the index",
+                       description="Show how many pictures the index holds, their dimension, the model that made "
+                                   "them and the bytes the index takes on disk.")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
     _add_connection(p)
 
-    p = sub.add_parser("delete", help="remove images from the index by id or by path/URL")
+    p = sub.add_parser("delete", help="remove images from the index by id or by path/URL",
+                       description="Remove pictures from the index, by id or by the path or URL they were indexed "
+                                   "from. Prints how many were removed.")
     p.add_argument("keys", nargs="+", help="document id, or the path/URL it was indexed from")
     _add_connection(p)
 
-    p = sub.add_parser("clear", help="remove everything from the index")
+    p = sub.add_parser("clear", help="remove everything from the index",
+                       description="Remove every picture from the index (asks first, unless --yes).")
     p.add_argument("--yes", action="store_true", help="do not ask")
     _add_connection(p)
     return parser
@@ -278,8 +311,15 @@ def _parse_tags(pairs: List[Tuple[str, str]]) -> dict:
 def cmd_index(args) -> int:
     client = _client(args)
     tags = _parse_tags(args.tag)
-    report = client.index(args.sources, batch_size=args.request_size, tags=tags, force=args.force,
-                          progress=_progress("indexing"))
+    progress = _progress("indexing")
+    try:
+        report = client.index(args.sources, batch_size=args.request_size, tags=tags, force=args.force,
+                              progress=progress)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"interrupted after {progress.done} of {progress.total or '?'} images: the ones indexed by then are "
+              f"in the index, and the same command skips them next time", file=sys.stderr, flush=True)
+        return 130
     _print_report(report)
     if args.prune:
         gone = client.prune([s for s in args.sources if os.path.isdir(os.path.expanduser(s))])
@@ -293,13 +333,39 @@ def cmd_index(args) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         folders = [s for s in args.sources if os.path.isdir(os.path.expanduser(s))]
         print(f"watching {', '.join(folders)} (Ctrl-C stops)", flush=True)
+        totals = {"indexed": 0, "deleted": 0}
+        how = "stopped"
         try:
             watch(client, folders, stop=stop, tags=tags, batch_size=args.request_size,
-                  on_batch=lambda r, deleted: (_print_report(r), print(f"deleted {deleted}", flush=True)))
+                  on_changes=lambda batch: _print_watch_batch(batch, totals))
         except KeyboardInterrupt:
-            pass
+            how = "interrupted"
+        print(f"{how}: while watching, indexed {totals['indexed']} and deleted {totals['deleted']}",
+              file=sys.stderr, flush=True)
         return 0
     return 0 if not report.failed else 1
+
+
+def _some(items, few: int = 3) -> str:
+    """The first few items, then how many more: 'a, b, c and 9 more'."""
+    items = list(items)
+    shown = ", ".join(items[:few])
+    return f"{shown} and {len(items) - few} more" if len(items) > few else shown
+
+
+def _print_watch_batch(batch, totals: dict) -> None:
+    """One batch of --watch: what was indexed, skipped, failed and deleted, each named."""
+    report = batch.report
+    totals["indexed"] += len(report.indexed)  # counted first: a Ctrl-C while printing still counts them
+    totals["deleted"] += len(batch.deleted)
+    if report.indexed:
+        print(f"indexed {len(report.indexed)}: {_some(report.indexed)}", flush=True)
+    if report.unchanged:
+        print(f"unchanged {len(report.unchanged)} (skipped): {_some(report.unchanged)}", flush=True)
+    for source, reason in report.failed:
+        print(f"failed: {source}: {reason}", flush=True)
+    if batch.deleted:
+        print(f"deleted {len(batch.deleted)}: {_some(batch.deleted)}", flush=True)
 
 
 def _print_report(report) -> None:
@@ -344,7 +410,7 @@ def cmd_search(args) -> int:
         if not hits:
             print("no matches" if client.status().count else EMPTY_INDEX)
         for i, hit in enumerate(hits, 1):
-            print(f"{i:>3}  {hit.score:.4f}  {hit.uri or hit.id}  [{hit.id}]")
+            print(f"{i:>3}  {hit.score:+7.4f}  {hit.uri or hit.id}  [{hit.id}]")
     if args.plot:
         from clipseek.plotting import plot_hits
 
@@ -405,9 +471,12 @@ def _progress(desc: str):
         if not bars:
             bars.append(tqdm(total=total, unit="img", desc=desc, disable=None))
         bars[0].update(n)
+        update.done, update.total = update.done + n, total
         if bars[0].n >= total:
             bars[0].close()
 
+    update.done, update.total = 0, 0  # how many of how many sources were handled so far
+    update.close = lambda: bars and bars[0].close()
     return update
 
 

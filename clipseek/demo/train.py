@@ -277,8 +277,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=40.0, help="wall-clock budget, rendering included (default 40)")
     p.add_argument("--steps", type=int, help="train exactly this many steps instead")
     p.add_argument("--pool", type=int, default=40000, help="training pictures rendered up front (default 40000)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256, help="pictures per training step (default 256)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights, the rendered pictures and the batches (default 0)")
     p.add_argument("--hard-negatives", type=float, default=0.5,
                    help="share of each batch that comes in pairs differing in one attribute (default 0.5)")
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),

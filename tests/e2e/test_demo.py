@@ -12,7 +12,16 @@ from clipseek.demo import world
 from flows.settings import DEMO_MODEL_DIR, PROJECT_ROOT
 
 HELD_OUT_SEED = 7777  # train.py renders its training pool from seed + 1 and its own evaluation from seed + 99
-DEMO_RECALL_AT_5 = 0.85
+# The shipped model on its training run's 1,000 held-out pictures: recall@1 0.976, recall@5 0.997. Here, on the 600
+# pictures of HELD_OUT_SEED (420 caption queries): recall@1 0.981, recall@5 1.000, precision@5 0.999; over eight
+# seeds of 600 pictures recall@1 0.970-0.986, recall@5 0.998-1.000, precision@5 0.996-1.000. The floors leave a
+# margin for a sample of 600 and for another CPU's arithmetic, and fail a model even slightly worse.
+DEMO_FLOORS = {"recall@1": 0.95, "recall@5": 0.99, "precision@5": 0.99}
+# The share of each caption's fitting pictures (at most 5) in its top 5, measured through the flows in every
+# precision (auto, float32, int8): 1.000 over the 211 captions of test_semantic_search_over_grpc, 1.00 over the
+# notebook's 40.
+GRPC_PRECISION_AT_5 = 0.97
+NOTEBOOK_RECALL_AT_5 = 0.95
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DEMO_MODEL_DIR, "config.json")),
                                 reason="the demo model is not in data/models")
@@ -28,12 +37,28 @@ def test_world_is_deterministic_and_labelled(tmp_path):
 
 
 def test_shipped_model_is_small_and_loads_like_a_hub_model():
+    import json
+
+    import torch
     from transformers import CLIPModel
 
     size = sum(os.path.getsize(os.path.join(DEMO_MODEL_DIR, f)) for f in os.listdir(DEMO_MODEL_DIR))
     assert size < 20 * 2**20
-    model = CLIPModel.from_pretrained(DEMO_MODEL_DIR)
-    assert model.config.projection_dim > 0
+    model, info = CLIPModel.from_pretrained(DEMO_MODEL_DIR, output_loading_info=True)
+    # every weight read from the file, none left at its random start or ignored
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    # the shape its training recorded (training.json), the one the README describes
+    with open(os.path.join(DEMO_MODEL_DIR, "training.json")) as f:
+        shape = json.load(f)["model_shape"]
+    assert shape == {"image_size": 96, "patch_size": 8, "width": 128, "layers": 4, "projection_dim": 64}
+    vision, text = model.config.vision_config, model.config.text_config
+    assert (vision.image_size, vision.patch_size) == (shape["image_size"], shape["patch_size"])
+    assert vision.hidden_size == text.hidden_size == shape["width"]
+    assert vision.num_hidden_layers == text.num_hidden_layers == shape["layers"]
+    assert model.config.projection_dim == shape["projection_dim"]
+    with torch.inference_mode():
+        image = model.get_image_features(pixel_values=torch.zeros(1, 3, 96, 96))
+    assert tuple(getattr(image, "pooler_output", image).shape) == (1, 64)
 
 
 def test_shipped_model_retrieves_held_out_pictures():
@@ -50,12 +75,15 @@ def test_shipped_model_retrieves_held_out_pictures():
     pixels, codes = train.render_pool(HELD_OUT_SEED, 600, recipe)
     metrics = train.evaluate(model, tokenizer, pixels, codes)
     print(metrics)
-    assert metrics["recall@5"] >= DEMO_RECALL_AT_5, metrics
+    assert metrics["queries"] == 420  # the sample the floors were measured on
+    for name, floor in DEMO_FLOORS.items():
+        assert metrics[name] >= floor, (name, metrics)
 
 
 def test_semantic_search_over_grpc(tmp_path):
     """Held-out pictures (a seed never trained on) indexed through the flows and searched with
-    their captions: precision@5 >= 0.8 (a hit counts when it fits every attribute the caption names)."""
+    their captions: precision@5 >= GRPC_PRECISION_AT_5 (a hit counts when it fits every attribute the caption
+    names)."""
     from clipseek.client import ClipseekClient
     from flows.serving import flows_in_subprocess, free_port
     from flows.settings import Settings
@@ -78,7 +106,7 @@ def test_semantic_search_over_grpc(tmp_path):
         precisions.append(good / min(5, relevant))
     mean = float(np.mean(precisions))
     print(f"caption precision@5 over {len(captions)} queries: {mean:.3f}")
-    assert mean >= 0.8
+    assert len(captions) == 211 and mean >= GRPC_PRECISION_AT_5
 
 
 def test_demo_command_prints_hits_and_writes_a_grid(tmp_path):
@@ -137,7 +165,8 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
                      if o.get("output_type") == "stream")
     assert "{'indexed': 240}" in text
     assert "indexed 240, unchanged 0, failed 0" in text
-    precision = float(text.split("precision@5 over 40 captions: mean")[1].split()[0])
-    assert precision >= 0.8
+    recall = float(text.split("recall@5 over 40 captions: mean")[1].split()[0])
+    print(f"notebook recall@5 over 40 captions: {recall:.2f}")
+    assert recall >= NOTEBOOK_RECALL_AT_5
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the similarity matrix and the grid of hits
