@@ -30,7 +30,8 @@ def test_two_shards_give_the_same_top_k_as_one(tiny_model, tmp_path):
     answers, counts = {}, {}
     for shards in (1, 2):
         settings = Settings(host="127.0.0.1", index_port=free_port(), search_port=free_port(), model=tiny_model,
-                            device="cpu", workspace=str(tmp_path / f"ws{shards}"), shards=shards)
+                            device="cpu", dtype="float32", workspace=str(tmp_path / f"ws{shards}"), shards=shards)
+        # one precision for both runs: auto measures at each start and may pick differently under load
         with flows_in_subprocess(settings):
             client = ClipseekClient(settings.index_address, settings.search_address)
             report = client.index([folder], batch_size=4)  # 8 requests, spread over the shards
