@@ -33,9 +33,6 @@ from executors.params import dtype_name
 
 PRECISIONS = ("auto", "float32", "bfloat16", "int8", "float16")
 DEFAULT_PRECISION = "auto"
-# int8 is picked by ``auto`` (on a CPU without native bfloat16) only when the probe measures at least this gain.
-INT8_MIN_SPEEDUP = 1.2
-
 logger = logging.getLogger(__name__)
 
 
@@ -87,7 +84,6 @@ PROBES = {"image": (768, 4, 50), "text": (512, 1, 16)}  # width, batch, tokens
 AUTO_CANDIDATES = {"image": ("bfloat16", "int8"), "text": ("bfloat16",)}
 # A precision other than float32 is picked only when the probe measures at least this gain.
 MIN_SPEEDUP = 1.2
-INT8_MIN_SPEEDUP = MIN_SPEEDUP
 
 
 def speedups(tower: str = "image", repeat: int = 7) -> Dict[str, float]:
@@ -124,11 +120,6 @@ def _measure(width: int, batch: int, tokens: int, candidates, repeat: int) -> Di
                 model(inputs)
                 best[name] = min(best[name], time.perf_counter() - t0)
     return {name: best["float32"] / max(t, 1e-9) for name, t in best.items() if name != "float32"}
-
-
-def int8_speedup() -> float:
-    """float32 time / int8 time of the image tower's probe on this CPU."""
-    return speedups("image").get("int8", 0.0)
 
 
 def choose(dtype: Optional[str], device: str, tower: str = "image") -> Precision:
