@@ -88,6 +88,10 @@ class SimpleIndexer(Executor):
         shard = str(getattr(self.runtime_args, "shard_id", 0) or 0)
         return self.workspace or os.path.join("workspace", type(self).__name__, shard)
 
+    def _owns(self, doc_id: str) -> bool:
+        """Whether this shard keeps the document of ``doc_id`` (``shard_of``; one shard keeps everything)."""
+        return self.shards == 1 or shard_of(doc_id, self.shards) == self.shard_id
+
     def _check_writable(self, endpoint: str) -> None:
         if self.read_only:
             raise RequestError(f"{endpoint} is refused here: this flow reads the index and never writes it; "
@@ -114,10 +118,12 @@ class SimpleIndexer(Executor):
             else:
                 batch.append(doc)
         if self.shards > 1:  # every shard sees every /index request; each keeps the documents it owns
-            others = [d for d in batch if shard_of(d.id, self.shards) != self.shard_id]
+            mine, others = [], []
+            for doc in batch:
+                (mine if self._owns(doc.id) else others).append(doc)
             if others:  # an earlier copy here (another id for the same file, another layout) goes
                 self.store.evict([d.id for d in others], [_stored_uri(d) for d in others])
-            batch = [d for d in batch if shard_of(d.id, self.shards) == self.shard_id]
+            batch = mine
             for doc in others:
                 doc.status = None  # answered by the owning shard (executors/shard_merger.py)
         by_model: Dict[Optional[str], list] = {}
@@ -142,7 +148,7 @@ class SimpleIndexer(Executor):
     def update(self, docs: DocList[ImageInput], **kwargs) -> DocList[ImageInput]:
         """Add each document's ``tags`` to the stored document of its id, without embedding it again."""
         self._check_writable("/update")
-        mine = [d for d in docs if self.shards == 1 or shard_of(d.id, self.shards) == self.shard_id]
+        mine = [d for d in docs if self._owns(d.id)]
         found = set(self.store.update_tags({d.id: dict(d.tags or {}) for d in mine}))
         for doc in mine:
             doc.status = STATUS_INDEXED if doc.id in found else STATUS_FAILED

@@ -426,15 +426,15 @@ def check_workspace(settings: Settings) -> None:
     shards than the flows would run (a picture's shard is a hash of its id over that number), or holds
     embeddings of another model than the flows would load (every search and index request would fail)."""
     from executors.models.loading import default_model, model_id
-    from executors.store.vector_store import recorded_meta, recorded_shards
+    from executors.store.vector_store import recorded_meta, shards_of
 
-    folder = os.path.join(settings.workspace, "SimpleIndexer")
+    meta = recorded_meta(os.path.join(settings.workspace, "SimpleIndexer"))
     wanted = settings.shards or _yaml_shards(INDEX_FLOW)
-    have = recorded_shards(folder)
+    have = shards_of(meta)
     if have is not None and have != wanted:
         raise RuntimeError(f"the index in {settings.workspace} was written by {have} shard(s); these flows run "
                            f"{wanted}. Start with --shards {have} (or index into a new --workspace)")
-    stored, model = recorded_meta(folder).get("model"), model_id(settings.model or default_model())
+    stored, model = meta.get("model"), model_id(settings.model or default_model())
     if stored and stored != model:
         raise RuntimeError(f"the index in {settings.workspace} holds embeddings of model {stored!r}; these flows "
                            f"would load {model!r}. Start with --model naming {stored!r} (its hub name or folder), or "

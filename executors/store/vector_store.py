@@ -381,7 +381,7 @@ class VectorStore:
         was written as part of another layout: a document's shard is a hash of its id over the number of
         shards, so another number would look for each picture on the wrong shard."""
         recorded = self._meta("shards")
-        have = int(recorded) if recorded else (1 if int(self._meta("high_water") or 0) else None)
+        have = shards_of({"shards": recorded, "high_water": self._meta("high_water")})
         if have is not None and have != shards:
             raise StoreError(f"index at {self.path} was written by {have} shard(s); this flow runs {shards}. "
                              f"Start it with --shards {have} (or index into a new workspace)")
@@ -653,10 +653,9 @@ def recorded_meta(folder: str) -> Dict[str, str]:
         db.close()
 
 
-def recorded_shards(folder: str) -> Optional[int]:
-    """How many shards wrote the index in ``folder`` (see ``recorded_meta``): as recorded, 1 for an index
-    made before shards were recorded that holds rows, None for no index."""
-    meta = recorded_meta(folder)
+def shards_of(meta: Mapping[str, Optional[str]]) -> Optional[int]:
+    """How many shards wrote a store, from its meta table: as recorded, 1 for a store made before shards
+    were recorded that holds rows, None for an empty one that records nothing."""
     if meta.get("shards"):
         return int(meta["shards"])
     return 1 if int(meta.get("high_water") or 0) else None
