@@ -22,6 +22,25 @@ def tiny_model(tmp_path_factory) -> str:
     return folder
 
 
+def call_within(seconds, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on a daemon thread, waited for ``seconds``: (finished, its result or the exception
+    it raised; None while it still runs). A call that blocks (a read of a named pipe) cannot hang the test."""
+    import threading
+
+    out = []
+
+    def run():
+        try:
+            out.append(fn(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return (not thread.is_alive()), (out[0] if out else None)
+
+
 def draw_picture(path, colour: str, size=(96, 72), shape: str = "circle") -> str:
     img = Image.new("RGB", size, (245, 245, 240))
     d = ImageDraw.Draw(img)

@@ -5,7 +5,6 @@ bytes (as for a remote server), and the server refuses one posted to it directly
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 from docarray import DocList
@@ -14,6 +13,8 @@ from clipseek.client import ClipseekClient
 from executors.docs import ImageInput
 from flows.serving import flows_in_subprocess, free_port
 from flows.settings import PROJECT_ROOT, Settings
+
+from tests.conftest import call_within
 
 NOT_REGULAR = "is a named pipe (FIFO), not a regular file"
 
@@ -27,21 +28,11 @@ def _unblock(fifo) -> None:
 
 
 def _within(seconds, fn, *args, **kwargs):
-    out = []
-
-    def run():
-        try:
-            out.append(fn(*args, **kwargs))
-        except Exception as e:  # noqa: BLE001 - handed to the test
-            out.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"{getattr(fn, '__name__', fn)} did not return within {seconds} s"
-    if isinstance(out[0], Exception):
-        raise out[0]
-    return out[0]
+    finished, result = call_within(seconds, fn, *args, **kwargs)
+    assert finished, f"{getattr(fn, '__name__', fn)} did not return within {seconds} s"
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 @pytest.fixture

@@ -26,6 +26,8 @@ from executors.images.imaging import (
     uri_id,
 )
 
+from tests.conftest import call_within
+
 
 def encode(img, fmt="PNG", **kw):
     buf = io.BytesIO()
@@ -203,18 +205,7 @@ def test_read_size_cap(tmp_path):
 
 def _read_within(seconds, *args, **kwargs):
     """read_source(*args, **kwargs) in a thread: (finished, result or exception)."""
-    out = []
-
-    def run():
-        try:
-            out.append(read_source(*args, **kwargs))
-        except Exception as e:  # noqa: BLE001 - handed to the test
-            out.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return (not thread.is_alive()), (out[0] if out else None)
+    return call_within(seconds, read_source, *args, **kwargs)
 
 
 def _unblock(fifo) -> None:
