@@ -23,10 +23,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from executors.images.netguard import FetchError, fetch_url
+from executors.images.raw import RAW_EXTENSIONS, camera_raw_preview
 
 # What a source that is not a local path starts with.
 URL_PREFIXES = ("http://", "https://", "file://", "data:")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif",
+                    *RAW_EXTENSIONS)  # camera RAW (CR2, NEF, DNG, ...) is read by its embedded preview: raw.py
 
 try:  # HEIC / HEIF from phones; AVIF is read by Pillow itself
     import pillow_heif
@@ -326,6 +328,7 @@ def decode_image(data: bytes, name: str = "image", *, draft_size: Optional[int] 
     """
     if not data:
         raise ImageError(f"{name}: empty file (0 bytes)")
+    data = camera_raw_preview(data, name)  # a camera RAW becomes its embedded JPEG preview; other bytes pass
     try:
         img = Image.open(io.BytesIO(data))
         full_size = img.size
