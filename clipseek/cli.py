@@ -81,11 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(HOST as the flows: 127.0.0.1 unless --bind)")
     p.add_argument("--web-port", type=int, help="port of the --web page (env CLIPSEEK_WEB_PORT, default 51002)")
 
-    p = sub.add_parser("index", help="index images: folders (recursive), globs, files, URLs",
-                       description="Embed pictures and store them in the index of a running `clipseek serve`: "
-                                   "folders are walked recursively, globs expanded, URLs fetched by the server. Files "
-                                   "unchanged since the last run are skipped. The exit code is 1 if any file failed.")
-    p.add_argument("sources", nargs="+", help="folder, glob, image file, or http(s)/file/data URL")
+    p = sub.add_parser("index", help="index images and videos: folders (recursive), globs, files, URLs",
+                       description="Embed pictures (and moments of videos) and store them in the index of a running "
+                                   "`clipseek serve`: folders are walked recursively, globs expanded, URLs fetched by "
+                                   "the server. Files unchanged since the last run are skipped. The exit code is 1 if "
+                                   "any file failed.")
+    p.add_argument("sources", nargs="+", help="folder, glob, image or video file, or http(s)/file/data URL")
+    p.add_argument("--video-spacing", type=float, metavar="SECONDS",
+                   help="keep a moment of each video at least this often, besides one per scene change (default 5)")
+    p.add_argument("--max-moments", type=int, metavar="N",
+                   help="at most N moments per video, sampled evenly over a longer one (default and most: the "
+                        "server's, 120)")
     p.add_argument("--request-size", dest="request_size", type=int, default=DEFAULT_REQUEST_SIZE,
                    help=f"images per request (default {DEFAULT_REQUEST_SIZE}: several model batches, so decoding "
                         f"overlaps the model for most of each request)")
@@ -119,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", choices=["score", "date"], default="score",
                    help="order of the results kept: by score (default), or newest first (the best --limit by "
                         "score are kept either way)")
+    p.add_argument("--all-moments", action="store_true",
+                   help="list every matching moment of a video (default: a video's best moment only)")
     p.add_argument("--plot", metavar="PNG", help="save a grid of the hits with their scores")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
     _add_connection(p)
@@ -312,9 +320,14 @@ def cmd_index(args) -> int:
     client = _client(args)
     tags = _parse_tags(args.tag)
     progress = _progress("indexing")
+    parameters = {}
+    if args.video_spacing is not None:
+        parameters["video_spacing"] = args.video_spacing
+    if args.max_moments is not None:
+        parameters["max_moments"] = args.max_moments
     try:
         report = client.index(args.sources, batch_size=args.request_size, tags=tags, force=args.force,
-                              progress=progress)
+                              progress=progress, parameters=parameters or None)
     except KeyboardInterrupt:
         progress.close()
         print(f"interrupted after {progress.done} of {progress.total or '?'} images: the ones indexed by then are "
@@ -400,11 +413,11 @@ def cmd_search(args) -> int:
         return 2
     hits = client.search(args.text, limit=args.limit, min_score=args.min_score, filter=where, image=args.image,
                          plus=args.plus, minus=args.minus, like=args.like, unlike=args.unlike, weights=weights,
-                         after=args.after, before=args.before, sort=args.sort)
+                         after=args.after, before=args.before, sort=args.sort, all_moments=args.all_moments)
     if args.json:
         print(json.dumps([{"rank": i + 1, "id": h.id, "score": round(h.score, 6), "uri": h.uri, "tags": h.tags,
                            "taken": _iso(h.taken), "taken_from": h.taken_from, "camera": h.camera,
-                           "latitude": h.latitude, "longitude": h.longitude}
+                           "latitude": h.latitude, "longitude": h.longitude, "t": h.t}
                           for i, h in enumerate(hits)], indent=2))
     else:
         if not hits:

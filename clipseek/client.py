@@ -21,8 +21,9 @@ from docarray import DocList
 
 from executors.docs import (STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, QueryPart, TextQuery,
                             has_image)
-from executors.images.imaging import (IMAGE_EXTENSIONS, URL_PREFIXES, content_hash, is_image_file, local_path, not_a_regular_file,
+from executors.images.imaging import (URL_PREFIXES, content_hash, is_image_file, local_path, not_a_regular_file,
                                       path_uri, uri_id)
+from executors.images.video import is_media_file, media_extensions
 from flows.settings import DEFAULT_REQUEST_SIZE, Settings
 from flows.transport import GrpcTransport, TransportError
 
@@ -54,7 +55,7 @@ class IndexReport:
 
 
 def expand_sources(items: Iterable[str], report: Optional[IndexReport] = None) -> List[str]:
-    """Folders (recursively, image extensions only), globs, files and URLs -> a list of sources.
+    """Folders (recursively, picture and video extensions only), globs, files and URLs -> a list of sources.
     A local file is named by its real path (symlinks and ``..`` resolved), so a file reached by several
     paths (a symlink loop under a ``**`` glob, a linked folder) is one source. A path that matches nothing
     is recorded as failed in ``report``."""
@@ -78,14 +79,14 @@ def expand_sources(items: Iterable[str], report: Optional[IndexReport] = None) -
             for root, dirs, files in os.walk(path):
                 dirs.sort()
                 for name in sorted(files):
-                    if is_image_file(name):
+                    if is_media_file(name):
                         add(os.path.abspath(os.path.join(root, name)))
         elif os.path.isfile(path):
             add(os.path.abspath(path))
         elif glob.has_magic(path):
-            matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p) and is_image_file(p))
+            matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p) and is_media_file(p))
             if not matches and report is not None:
-                report.failed.append((item, "the pattern matches no image files"))
+                report.failed.append((item, "the pattern matches no picture or video files"))
             for match in matches:
                 add(os.path.abspath(match))
         elif report is not None:
@@ -207,7 +208,7 @@ class ClipseekClient:
                 if path is None or not self.send_bytes:
                     doc.url = name
             except ValueError:  # docarray refuses a url whose extension is not an image's
-                report.failed.append((source, f"not an image file (clipseek reads {', '.join(IMAGE_EXTENSIONS)})"))
+                report.failed.append((source, f"not a picture or video file (clipseek reads {media_extensions()})"))
                 continue
             if path is not None and self.send_bytes:
                 try:
@@ -281,7 +282,7 @@ class ClipseekClient:
                plus: Sequence[str] = (), minus: Sequence[str] = (), like: Sequence[str] = (),
                unlike: Sequence[str] = (), weights: Optional[Dict[str, float]] = None,
                after: Optional[Union[str, float]] = None, before: Optional[Union[str, float]] = None,
-               sort: str = "score") -> List[Hit]:
+               sort: str = "score", all_moments: bool = False) -> List[Hit]:
         """The ``limit`` best matching images, best first (``sort="date"``: the same hits, newest first).
 
         ``after`` / ``before`` (an ISO date or datetime, or seconds since the epoch) keep only pictures taken
@@ -292,6 +293,9 @@ class ClipseekClient:
         liked / disliked results (``like`` / ``unlike``; stored vectors, never re-embedded).
         ``weights`` may set ``query_weight``, ``like_weight``, ``unlike_weight``, ``plus_weight``
         and ``minus_weight``.
+
+        A video gives at most its best moment per result list (a hit's uri ``video.mp4#t=12.5``, its time in
+        ``t``); ``all_moments`` lists every matching moment instead.
         """
         if text is not None and not isinstance(text, str):
             raise TypeError(f"search() takes one text (str), got {type(text).__name__}; "
@@ -299,7 +303,8 @@ class ClipseekClient:
         if sort not in ("score", "date"):
             raise ClipseekError(f"sort must be 'score' or 'date', got {sort!r}")
         query = self._query(text, image, plus, minus, weights or {})
-        hits = self._search([query], limit, min_score, when_filter(filter, after, before), like, unlike, weights)[0]
+        hits = self._search([query], limit, min_score, when_filter(filter, after, before), like, unlike, weights,
+                            all_moments=all_moments)[0]
         return sorted(hits, key=lambda h: -(h.taken if h.taken is not None else float("-inf"))) if sort == "date" else hits
 
     def search_many(self, texts: Sequence[str], *, limit: int = 10, min_score: Optional[float] = None,
@@ -359,8 +364,11 @@ class ClipseekClient:
         else:
             doc.url = path_uri(os.path.abspath(path)) if path is not None else image
 
-    def _search(self, queries, limit, min_score, filter, like, unlike, weights) -> List[List[Hit]]:
+    def _search(self, queries, limit, min_score, filter, like, unlike, weights,
+                all_moments: bool = False) -> List[List[Hit]]:
         parameters: Dict[str, Any] = {"limit": int(limit)}
+        if all_moments:
+            parameters["all_moments"] = True
         if min_score is not None:
             parameters["min_score"] = float(min_score)
         if filter:

@@ -7,6 +7,7 @@ import textwrap
 from typing import Optional, Sequence, Tuple
 
 from executors.images.imaging import ImageError, decode_image, read_source
+from executors.images.video import MAX_VIDEO_BYTES, frame_at, split_moment
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,11 @@ def plot_results(results: Sequence[Tuple[str, Sequence]], path: Optional[str] = 
         ax = axes[row][col]
         label = f"#{rank + 1}  {hit.score:.3f}"
         try:
-            img = decode_image(read_source(hit.uri, allow_private=True).data, hit.uri)  # the user's own hits
+            base, t = split_moment(hit.uri)
+            if t is None:
+                img = decode_image(read_source(hit.uri, allow_private=True).data, hit.uri)  # the user's own hits
+            else:  # a moment of a video: its frame
+                img = frame_at(read_source(base, allow_private=True, max_bytes=MAX_VIDEO_BYTES).data, t, hit.uri)
             img.thumbnail((thumb, thumb))
             ax.imshow(img)
         except (ImageError, TypeError) as e:

@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
-from executors.images.imaging import is_image_file, uri_id
+from executors.images.imaging import uri_id
+from executors.images.video import is_media_file
 from clipseek.client import ClipseekClient, IndexReport
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class _Changes:
         self.last = 0.0
 
     def add(self, path: str, removed: bool = False) -> None:
-        if not is_image_file(path):
+        if not is_media_file(path):
             return
         path = os.path.abspath(path)
         with self.lock:

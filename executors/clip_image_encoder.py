@@ -4,7 +4,9 @@
 import logging
 import os
 import time
+import urllib.parse
 from collections import deque
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -13,16 +15,18 @@ from docarray import DocList
 from jina import Executor, requests
 
 from executors.models.loading import batched, check_positive_int, default_model, image_embeddings, load_clip
-from executors.docs import STATUS_FAILED, Hit, ImageInput, TextQuery, has_image
-from executors.images.imaging import (ImageError, Preprocess, SourceInfo, array_to_image, decode_image, local_path, path_uri,
-                                      preprocess, read_source)
-from executors.params import as_bool, as_flag, as_text, at_most_default, request_options, traverse, worker_threads
+from executors.docs import STATUS_FAILED, Hit, ImageInput, TextQuery, VideoMoment, has_image
+from executors.images.imaging import (ImageError, PhotoFacts, Preprocess, SourceInfo, array_to_image, decode_image,
+                                      local_path, path_uri, preprocess, read_source)
+from executors.images.video import (DEFAULT_MAX_MOMENTS, DEFAULT_SPACING, MAX_VIDEO_BYTES, is_video_file, looks_like_video,
+                                    video_moments)
+from executors.params import as_bool, as_flag, as_float, as_text, at_most_default, request_options, traverse, worker_threads
 
 logger = logging.getLogger(__name__)
 
 # What a request's parameters may set; the model, device, precision and every read limit are fixed at start.
 REQUEST_OPTIONS = {"batch_size": at_most_default(), "access_paths": as_text(200), "draft_decode": as_bool,
-                   "keep_pixels": as_bool}
+                   "keep_pixels": as_bool, "video_spacing": as_float(0.5, 3600.0), "max_moments": at_most_default()}
 
 # With draft decoding a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale whose short side is
 # still at least DRAFT_FACTOR times the model's resize target, so the bicubic resize that follows
@@ -30,30 +34,46 @@ REQUEST_OPTIONS = {"batch_size": at_most_default(), "access_paths": as_text(200)
 DRAFT_FACTOR = 2
 
 
+@dataclass
+class VideoOptions:
+    """How a video becomes moments (executors/images/video.py): at least one every ``spacing`` seconds, at
+    most ``max_moments``; a video file may be up to ``max_bytes`` (a picture: the encoder's own cap)."""
+
+    spacing: float = DEFAULT_SPACING
+    max_moments: int = DEFAULT_MAX_MOMENTS
+    max_bytes: int = MAX_VIDEO_BYTES
+
+
 def prepare(doc: ImageInput, recipe: Preprocess, *, url_timeout: float, max_bytes: int, draft: bool,
             max_megapixels: Optional[float] = None,
             timings: Optional[Dict[str, float]] = None, allow_private_urls: bool = False,
-            allowed_roots: Optional[Sequence[str]] = None):
-    """One document -> (pixel array, width, height, source info or None). Raises ImageError.
+            allowed_roots: Optional[Sequence[str]] = None, video: Optional[VideoOptions] = None):
+    """One document -> (pixels, width, height, source info or None, times). Raises ImageError.
 
+    A picture gives one pixel array (C, H, W) and ``times`` None; a video file (by its name's extension
+    or its bytes), when ``video`` options are given, gives a stack (N, C, H, W) of its moments and their
+    times in seconds. Without ``video`` a video is refused (a query is a picture).
     ``timings``, if given, gets the seconds spent reading, decoding and preprocessing added to it
     (the original width and height are reported even when the JPEG was decoded at a reduced scale).
     """
     info: Optional[SourceInfo] = None
     name = getattr(doc, "uri", None) or (str(doc.url) if doc.url else f"document {doc.id}")
     draft_size = recipe.shortest_edge * DRAFT_FACTOR if draft else None
+    named_video = is_video_file(urllib.parse.urlsplit(str(doc.url or name)).path)
     t0 = time.perf_counter()
     if doc.tensor is not None:
         t1 = t0
         img = array_to_image(np.asarray(doc.tensor), name)
-    elif doc.bytes_:
-        info = SourceInfo(uri=name, data=bytes(doc.bytes_))
+    elif doc.bytes_ or doc.url:
+        if doc.bytes_:
+            info = SourceInfo(uri=name, data=bytes(doc.bytes_))
+        else:
+            cap = max(max_bytes, video.max_bytes) if video is not None and named_video else max_bytes
+            info = read_source(str(doc.url), timeout=url_timeout, max_bytes=cap,
+                               allow_private=allow_private_urls, allowed_roots=allowed_roots)
         t1 = time.perf_counter()
-        img = decode_image(info.data, name, draft_size=draft_size, max_megapixels=max_megapixels)
-    elif doc.url:
-        info = read_source(str(doc.url), timeout=url_timeout, max_bytes=max_bytes,
-                           allow_private=allow_private_urls, allowed_roots=allowed_roots)
-        t1 = time.perf_counter()
+        if named_video or looks_like_video(info.data):
+            return _prepare_video(info, name, recipe, video, t0, t1, timings)
         img = decode_image(info.data, name, draft_size=draft_size, max_megapixels=max_megapixels)
     else:
         raise ImageError(f"{name}: has no url, bytes_ or tensor to read an image from")
@@ -67,7 +87,25 @@ def prepare(doc: ImageInput, recipe: Preprocess, *, url_timeout: float, max_byte
         timings["read"] = timings.get("read", 0.0) + (t1 - t0)
         timings["decode"] = timings.get("decode", 0.0) + (t2 - t1)
         timings["preprocess"] = timings.get("preprocess", 0.0) + (t3 - t2)
-    return pixels, width, height, info
+    return pixels, width, height, info, None
+
+
+def _prepare_video(info: SourceInfo, name: str, recipe: Preprocess, video: Optional[VideoOptions], t0: float,
+                   t1: float, timings: Optional[Dict[str, float]]):
+    """``prepare`` for a video file: its moments, each preprocessed like a picture."""
+    if video is None:
+        raise ImageError(f"{name}: is a video; a query or a label needs a picture (one frame of it)")
+    found = video_moments(info.data, name, spacing=video.spacing, max_moments=video.max_moments,
+                          short_side=recipe.shortest_edge * DRAFT_FACTOR)
+    info.facts = PhotoFacts(taken=found.created, taken_from="creation_time") if found.created else None
+    info.data = b""  # the moments are decoded: the file's bytes need not wait for the model
+    t2 = time.perf_counter()
+    pixels = np.stack([preprocess(m.image, recipe) for m in found.moments])
+    if timings is not None:
+        timings["read"] = timings.get("read", 0.0) + (t1 - t0)
+        timings["decode"] = timings.get("decode", 0.0) + (t2 - t1)
+        timings["preprocess"] = timings.get("preprocess", 0.0) + (time.perf_counter() - t2)
+    return pixels, found.width, found.height, info, [m.t for m in found.moments]
 
 
 def prefetch(pool: ThreadPoolExecutor, fn, items, window: int) -> Iterator:
@@ -115,6 +153,9 @@ class CLIPImageEncoder(Executor):
         allow_private_urls: bool = False,
         allowed_roots: Optional[Sequence[str]] = None,
         max_megapixels: Optional[float] = 100.0,
+        video_spacing: float = DEFAULT_SPACING,
+        max_moments: int = DEFAULT_MAX_MOMENTS,
+        max_video_bytes: int = MAX_VIDEO_BYTES,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -129,7 +170,10 @@ class CLIPImageEncoder(Executor):
             max_download_bytes=int(max_download_bytes),
             keep_pixels=bool(keep_pixels),
             max_megapixels=max_megapixels,
+            video_spacing=as_float(0.5, 3600.0)(video_spacing, None),
+            max_moments=check_positive_int("max_moments", max_moments),
         )
+        self.max_video_bytes = int(max_video_bytes)
         # Not request options: a client must not widen the folders or the networks the server reads from.
         self.allowed_roots = _roots(allowed_roots)
         self.allow_private_urls = as_flag(allow_private_urls, "allow_private_urls")
@@ -143,7 +187,8 @@ class CLIPImageEncoder(Executor):
     @requests(on="/index")
     def encode(self, docs: DocList[ImageInput], parameters: Optional[Dict] = None, **kwargs) -> DocList[ImageInput]:
         options = request_options(self.defaults, parameters, REQUEST_OPTIONS)
-        self._embed([d for d in traverse(docs, options["access_paths"]) if d.embedding is None], options)
+        self._embed([d for d in traverse(docs, options["access_paths"]) if d.embedding is None and not len(getattr(d, "moments", ()))],
+                    options, videos=True)
         return docs
 
     @requests(on="/search")
@@ -189,11 +234,15 @@ class CLIPImageEncoder(Executor):
                 part.embedding = None
         return docs
 
-    def _embed(self, targets, options) -> None:
-        """Embed ``targets`` in batches, decoding ahead of the model; a document that fails gets its error."""
+    def _embed(self, targets, options, videos: bool = False) -> None:
+        """Embed ``targets`` in batches, decoding ahead of the model; a document that fails gets its error.
+        With ``videos`` a video file's document gets its ``moments``, each embedded like a picture."""
         batch_size = check_positive_int("batch_size", options["batch_size"])
         clip = self._load(options)
         recipe = Preprocess.from_processor_config(clip.processor_config)
+
+        video = VideoOptions(spacing=float(options["video_spacing"]), max_moments=int(options["max_moments"]),
+                             max_bytes=self.max_video_bytes) if videos else None
 
         def work(doc):
             spent: Dict[str, float] = {}
@@ -202,7 +251,7 @@ class CLIPImageEncoder(Executor):
                              max_bytes=int(options["max_download_bytes"]), draft=as_flag(options["draft_decode"], "draft_decode"),
                              max_megapixels=float(options["max_megapixels"]) if options["max_megapixels"] else None,
                              timings=spent,
-                             allow_private_urls=self.allow_private_urls, allowed_roots=self.allowed_roots)
+                             allow_private_urls=self.allow_private_urls, allowed_roots=self.allowed_roots, video=video)
             return result, spent
 
         timings = {"prepare_wait": 0.0, "model": 0.0, "read": 0.0, "decode": 0.0, "preprocess": 0.0}
@@ -220,7 +269,7 @@ class CLIPImageEncoder(Executor):
                     doc.error = _describe(result)
                     logger.warning("skipped %s", doc.error)
                     continue
-                (pixels, width, height, info), spent = result
+                (pixels, width, height, info, times), spent = result
                 for stage, seconds in spent.items():
                     timings[stage] += seconds
                 if isinstance(doc, ImageInput):
@@ -231,17 +280,26 @@ class CLIPImageEncoder(Executor):
                         doc.size = info.size
                         doc.mtime = doc.mtime if info.mtime is None else info.mtime
                         _set_when_and_where(doc, getattr(info, "facts", None))
-                ready.append(doc)
-                arrays.append(pixels)
+                ready.append((doc, times))
+                arrays.extend(pixels if times is not None else [pixels])
             t1 = time.perf_counter()
             if ready:
-                vectors = image_embeddings(clip, np.stack(arrays))
-                for doc, vector in zip(ready, vectors):
-                    doc.embedding = vector
+                vectors = np.concatenate([image_embeddings(clip, np.stack(arrays[i : i + batch_size]))
+                                          for i in range(0, len(arrays), batch_size)])
+                at = 0
+                for doc, times in ready:
+                    if times is None:
+                        doc.embedding = vectors[at]
+                        at += 1
+                    else:
+                        doc.moments = DocList[VideoMoment]([VideoMoment(t=t, embedding=vectors[at + i])
+                                                            for i, t in enumerate(times)])
+                        at += len(times)
                     doc.embedding_model = clip.name
                     doc.error = None
                     if not options["keep_pixels"]:
                         doc.tensor, doc.bytes_ = None, None
+            arrays = []
             timings["prepare_wait"] += t1 - t0
             timings["model"] += time.perf_counter() - t1
         logger.info("encoded %d images (%d failed): waited %.3f s for pixels, %.3f s in the model; "

@@ -10,17 +10,44 @@ from typing import Any, Dict, Optional
 
 from docarray import BaseDoc, DocList
 from docarray.documents import ImageDoc, TextDoc
-from docarray.typing import AnyEmbedding, AnyTensor, ImageUrl
+from docarray.typing import AnyEmbedding, AnyTensor, AnyUrl, ImageUrl
+
+from executors.images.imaging import IMAGE_EXTENSIONS
+from executors.images.video import VIDEO_EXTENSIONS
 
 STATUS_INDEXED = "indexed"
 STATUS_UNCHANGED = "unchanged"
 STATUS_FAILED = "failed"
 
 
+class MediaUrl(AnyUrl):
+    """The url of a picture, or of a video or camera RAW file: docarray's ``ImageUrl`` refuses any extension
+    whose mime type is not an image's. It travels as an ``any_url``, which every docarray reads (a plain
+    ``ImageDoc``'s ``image_url`` is taken too)."""
+
+    @classmethod
+    def mime_type(cls) -> str:
+        return "image"
+
+    @classmethod
+    def extra_extensions(cls):
+        return [e.lstrip(".") for e in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS]
+
+
+class VideoMoment(BaseDoc):
+    """One moment of a video: its time in seconds and the embedding of its frame."""
+
+    t: float = 0.0
+    embedding: Optional[AnyEmbedding] = None
+
+
 class ImageInput(ImageDoc):
     """An image to index or to search by: ``url`` (path, file://, http(s)://, data:),
-    ``bytes_`` (encoded file) or ``tensor`` (decoded HxWxC array)."""
+    ``bytes_`` (encoded file) or ``tensor`` (decoded HxWxC array). A video file to index arrives the
+    same way; the image encoder gives it ``moments`` (one embedding per kept frame, each with its time)
+    instead of one ``embedding``, and the index stores each moment as an entry of that video."""
 
+    url: Optional[MediaUrl] = None
     uri: Optional[str] = None  # what a person sees for this image (path or URL)
     tags: Dict[str, Any] = {}
     content_hash: Optional[str] = None
@@ -38,10 +65,13 @@ class ImageInput(ImageDoc):
     camera: Optional[str] = None
     latitude: Optional[float] = None
     longitude: Optional[float] = None
+    moments: DocList[VideoMoment] = DocList[VideoMoment]()
+    duration: Optional[float] = None  # seconds, for a video
 
 
 class Hit(BaseDoc):
-    """One search result."""
+    """One search result. A moment of a video has the video's uri with a Media Fragments suffix
+    (``video.mp4#t=12.5``) and its time in seconds as ``t``."""
 
     uri: Optional[str] = None
     score: float = 0.0
@@ -55,6 +85,7 @@ class Hit(BaseDoc):
     camera: Optional[str] = None
     latitude: Optional[float] = None
     longitude: Optional[float] = None
+    t: Optional[float] = None
 
 
 class QueryPart(BaseDoc):
@@ -103,6 +134,7 @@ class KeyDoc(BaseDoc):
     mtime: Optional[float] = None
     size: Optional[int] = None
     found: bool = False
+    t: Optional[float] = None  # a moment of a video: its time in seconds (``uri`` is the video's)
 
 
 class IndexStatus(BaseDoc):

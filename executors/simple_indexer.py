@@ -13,7 +13,8 @@ from docarray import DocList
 from jina import Executor, requests
 
 from executors.docs import (STATUS_FAILED, STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, TextQuery,
-                            has_image)
+                            VideoMoment, has_image)
+from executors.images.video import format_time, moment_uri
 from executors.store.filters import FilterError
 from executors.params import MAX_LIMIT, RequestError, as_any, as_bool, as_float, as_int, as_flag, request_options
 from executors.store.vector_store import Record, StoreError, VectorStore
@@ -24,7 +25,7 @@ WEIGHT = as_float(-100.0, 100.0)
 # What a request's parameters may set; where the files live and how they are stored are fixed at start.
 REQUEST_OPTIONS = {"limit": as_int(1, MAX_LIMIT), "min_score": as_float(), "filter": as_any,
                    "return_embeddings": as_bool, "like": as_any, "unlike": as_any, "query_weight": WEIGHT,
-                   "like_weight": WEIGHT, "unlike_weight": WEIGHT}
+                   "like_weight": WEIGHT, "unlike_weight": WEIGHT, "all_moments": as_bool}
 DUPLICATE_OPTIONS = {"threshold": as_float(0.5, 1.0)}
 LIST_OPTIONS = {"after_id": as_any, "page": as_int(1, 10_000)}
 
@@ -70,7 +71,7 @@ class SimpleIndexer(Executor):
         self.read_only = as_flag(read_only, "read_only")
         self.defaults = dict(limit=int(limit), min_score=min_score, filter=None, return_embeddings=bool(return_embeddings),
                              like=None, unlike=None, query_weight=float(query_weight), like_weight=float(like_weight),
-                             unlike_weight=float(unlike_weight))
+                             unlike_weight=float(unlike_weight), all_moments=False)
         self.shard_id = int(getattr(self.runtime_args, "shard_id", 0) or 0)
         self.shards = max(1, int(getattr(self.runtime_args, "shards", 1) or 1))
         self.store = VectorStore(self._resolve_dir(index_dir), chunk_rows=chunk_rows, dtype=storage_dtype,
@@ -106,7 +107,7 @@ class SimpleIndexer(Executor):
         batch = []
         for pos, doc in enumerate(docs):
             uri = _stored_uri(doc)
-            if doc.error or doc.embedding is None:
+            if doc.error or (doc.embedding is None and not len(doc.moments)):
                 doc.status = STATUS_FAILED
                 doc.error = doc.error or f"{doc.uri or doc.id}: no embedding to index"
             elif last_of_id[doc.id] != pos:
@@ -131,8 +132,9 @@ class SimpleIndexer(Executor):
             by_model.setdefault(doc.embedding_model, []).append(doc)
         for model, group in by_model.items():
             try:
-                vectors = np.stack([np.asarray(d.embedding, dtype=np.float32).ravel() for d in group])
-                self.store.upsert(vectors, [_record(d) for d in group], model=model)
+                rows = [(vector, record) for d in group for vector, record in _rows(d)]
+                self.store.upsert(np.stack([v for v, _ in rows]), [r for _, r in rows], model=model,
+                                  replace_sources=True)
                 for d in group:
                     d.status, d.error = STATUS_INDEXED, None
             except (StoreError, ValueError) as e:
@@ -142,6 +144,7 @@ class SimpleIndexer(Executor):
         if not options["return_embeddings"]:
             for doc in docs:
                 doc.embedding = None
+                doc.moments = DocList[VideoMoment]()
         return docs
 
     @requests(on="/update")
@@ -183,7 +186,7 @@ class SimpleIndexer(Executor):
         if queries:
             try:
                 results = self.store.search(np.stack(vectors), limit=limit + len(unlike), min_score=min_score,
-                                            where=options["filter"])
+                                            where=options["filter"], one_per_source=not options["all_moments"])
             except (StoreError, FilterError) as e:
                 for doc in queries:
                     doc.error = str(e)
@@ -250,6 +253,7 @@ class SimpleIndexer(Executor):
             doc.found = record is not None
             if record is not None:
                 doc.uri, doc.content_hash, doc.mtime, doc.size = record.uri, record.content_hash, record.mtime, record.size
+                doc.t = record.t if record.id == doc.id else None  # a moment asked for by its own id
         return docs
 
     @requests(on="/list")
@@ -317,14 +321,30 @@ def _stored_uri(doc: ImageInput) -> Optional[str]:
     return doc.uri or (str(doc.url) if doc.url and not str(doc.url).startswith("data:") else None)
 
 
-def _record(doc: ImageInput) -> Record:
+def _record(doc: ImageInput, **moment) -> Record:
     return Record(id=doc.id, uri=_stored_uri(doc),
                   tags=dict(doc.tags or {}), content_hash=doc.content_hash, mtime=doc.mtime, size=doc.size,
                   width=doc.width, height=doc.height, taken=doc.taken, taken_from=doc.taken_from, camera=doc.camera,
-                  latitude=doc.latitude, longitude=doc.longitude)
+                  latitude=doc.latitude, longitude=doc.longitude, **moment)
+
+
+def _rows(doc: ImageInput):
+    """(vector, record) of each entry a document makes: a picture one, a video one per moment, each moment
+    under the id ``<video id>:t<seconds>`` with the video as its ``source``."""
+    if not len(doc.moments):
+        return [(np.asarray(doc.embedding, dtype=np.float32).ravel(), _record(doc))]
+    out = []
+    for moment in doc.moments:
+        if moment.embedding is None:
+            raise ValueError(f"moment at {format_time(moment.t)} s has no embedding")
+        record = _record(doc, source=doc.id, t=float(moment.t))
+        record.id = f"{doc.id}:t{format_time(moment.t)}"
+        out.append((np.asarray(moment.embedding, dtype=np.float32).ravel(), record))
+    return out
 
 
 def _hit(record: Record, score: float) -> Hit:
-    return Hit(id=record.id, uri=record.uri, score=score, tags=record.tags, width=record.width, height=record.height,
+    uri = moment_uri(record.uri, record.t) if record.t is not None and record.uri else record.uri
+    return Hit(id=record.id, uri=uri, score=score, t=record.t, tags=record.tags, width=record.width, height=record.height,
                mtime=record.mtime, size=record.size, taken=record.taken, taken_from=record.taken_from,
                camera=record.camera, latitude=record.latitude, longitude=record.longitude)

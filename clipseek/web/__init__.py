@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import threading
 import time
 import urllib.parse
@@ -34,10 +35,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from executors.images.imaging import ImageError, content_hash, local_path, read_local
+from executors.images.imaging import ImageError, check_allowed_root, content_hash, local_path, read_local
+from executors.images.video import MAX_VIDEO_BYTES, format_time, frame_at, split_moment
 from clipseek.client import ClipseekClient, ClipseekError
 from flows.settings import client_host
 
@@ -129,11 +131,14 @@ def create_app(client: ClipseekClient, *, max_upload_bytes: int = MAX_UPLOAD_BYT
         limit = _limit(body.get("limit"))
         where = _filter(body.get("filter"))
         like, unlike = _ids(body.get("like"), "like"), _ids(body.get("unlike"), "unlike")
+        after, before, sort = _date(body.get("after"), "after"), _date(body.get("before"), "before"), body.get("sort")
+        if sort not in (None, "", "score", "date"):
+            raise WebError(400, "sort must be 'score' or 'date'")
         if not text and not like:
             raise WebError(400, "type something to search for, pick a result, or upload an image")
         started = time.perf_counter()
         hits = await run_in_threadpool(_search, call, client, text=text, limit=limit, filter=where,
-                                       like=like, unlike=unlike)
+                                       like=like, unlike=unlike, after=after, before=before, sort=sort or "score")
         return JSONResponse({"hits": hits, "seconds": round(time.perf_counter() - started, 3)})
 
     @app.post("/api/search-image")
@@ -156,13 +161,29 @@ def create_app(client: ClipseekClient, *, max_upload_bytes: int = MAX_UPLOAD_BYT
             raise WebError(404, f"no indexed picture with id {doc_id}")
         record = found[0]
         uri = record.uri
-        if uri.startswith(("http://", "https://")):
+        if uri.startswith(("http://", "https://")) and record.t is None:
             return RedirectResponse(uri, status_code=307)
         path = local_path(uri)
-        if path is None:  # data: URIs are not kept whole
+        if path is None:  # data: URIs are not kept whole; a URL video's frame is not fetched again
             raise WebError(404, f"picture {doc_id} has no file to show")
-        return Response(_thumbnail(uri, path, doc_id, record.content_hash, roots), media_type="image/jpeg",
+        return Response(_thumbnail(uri, path, doc_id, record.content_hash, roots, t=record.t), media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=300", "Cross-Origin-Resource-Policy": "same-origin"})
+
+    @app.get("/api/video/{doc_id}")
+    def video(doc_id: str) -> Response:
+        """The video file of a moment (``doc_id`` is the moment's), for the page's player: only a local file
+        that was indexed under that id, still the same size and modification time, under ``--allow-root``."""
+        if not _ID.match(doc_id):
+            raise WebError(404, "no such video")
+        try:
+            found = [d for d in call(client.lookup, [doc_id]) if d.found and d.id == doc_id and d.t is not None]
+        except ClipseekError as e:
+            raise WebError(502, str(e))
+        path = local_path(found[0].uri or "") if found else None
+        if path is None:
+            raise WebError(404, f"no indexed video moment with id {doc_id}")
+        return FileResponse(_same_file(found[0], path, roots), media_type=_video_type(path),
+                            headers={"Cache-Control": "private, max-age=300", "Cross-Origin-Resource-Policy": "same-origin"})
 
     return app
 
@@ -283,11 +304,50 @@ def _search(call, client: ClipseekClient, **kwargs) -> List[Dict[str, Any]]:
 
 def _hit_json(hit) -> Dict[str, Any]:
     uri = hit.uri or ""
-    path = local_path(uri) if uri else None
-    name = os.path.basename(path) if path else urllib.parse.urlparse(uri).path.rsplit("/", 1)[-1] or uri[:40]
-    return {"id": hit.id, "uri": uri, "name": name or hit.id, "score": round(float(hit.score), 6),
-            "tags": hit.tags or {}, "width": hit.width, "height": hit.height,
-            "thumb": f"/api/thumb/{urllib.parse.quote(hit.id, safe='')}"}
+    base, t = split_moment(uri)
+    path = local_path(base) if base else None
+    name = os.path.basename(path) if path else urllib.parse.urlparse(base).path.rsplit("/", 1)[-1] or base[:40]
+    quoted = urllib.parse.quote(hit.id, safe="")
+    out = {"id": hit.id, "uri": uri, "name": name or hit.id, "score": round(float(hit.score), 6),
+           "tags": hit.tags or {}, "width": hit.width, "height": hit.height, "taken": hit.taken,
+           "thumb": f"/api/thumb/{quoted}", "t": t}
+    if t is not None and path is not None:
+        out["video"] = f"/api/video/{quoted}#t={format_time(t)}"
+    return out
+
+
+def _date(value: Any, name: str) -> Optional[str]:
+    """A date of the page's range (an ISO date, as an <input type=date> sends it), or None."""
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or not _DATE.match(value):
+        raise WebError(400, f"{name} must be a date as YYYY-MM-DD, got {str(value)[:40]!r}")
+    return value
+
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm",
+                ".mkv": "video/x-matroska", ".avi": "video/x-msvideo"}
+
+
+def _video_type(path: str) -> str:
+    return _VIDEO_TYPES.get(os.path.splitext(path)[1].lower(), "application/octet-stream")
+
+
+def _same_file(record, path: str, roots: Optional[List[str]]) -> str:
+    """The real path of ``path`` if it is the regular file indexed for ``record`` (the same size and
+    modification time) and lies under ``roots``; else WebError 404. A video is too big to hash per request."""
+    try:
+        real = check_allowed_root(record.uri, path, roots) if roots is not None else os.path.realpath(path)
+        st = os.stat(real)
+    except (ImageError, OSError) as e:
+        logger.warning("video %s not served: %s", record.id, e)
+        raise WebError(404, f"video {record.id} is not readable by this server") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size != record.size or record.mtime is None \
+            or abs(st.st_mtime - record.mtime) > 1e-6:
+        raise WebError(404, f"video {record.id}: the file at its path is not the video that was indexed "
+                            f"(changed since); index it again to play it")
+    return real
 
 
 async def _read_body(request: Request, cap: int, too_large: WebError) -> bytes:
@@ -352,13 +412,16 @@ def _check_image(data: bytes) -> None:
         raise WebError(400, f"the upload is not a readable image ({e})") from None
 
 
-def _thumbnail(uri: str, path: str, doc_id: str, indexed_hash: Optional[str], roots: Optional[List[str]]) -> bytes:
-    """A JPEG thumbnail of the file at ``path``, read as the encoder reads it and served only if its content
-    hash is the one stored for ``doc_id`` (the hash of the very bytes that were embedded)."""
+def _thumbnail(uri: str, path: str, doc_id: str, indexed_hash: Optional[str], roots: Optional[List[str]],
+               t: Optional[float] = None) -> bytes:
+    """A JPEG thumbnail of the file at ``path`` (for a moment of a video, ``t`` seconds in: that frame), read
+    as the encoder reads it and served only if its content hash is the one stored for ``doc_id`` (the hash of
+    the very bytes that were embedded)."""
     from executors.images.imaging import decode_image
 
     try:
-        data = read_local(uri, path, max_bytes=THUMB_MAX_FILE_BYTES, allowed_roots=roots, cap_flag=None).data
+        cap = THUMB_MAX_FILE_BYTES if t is None else MAX_VIDEO_BYTES
+        data = read_local(uri, path, max_bytes=cap, allowed_roots=roots, cap_flag=None).data
     except ImageError as e:
         logger.warning("thumbnail of %s not served: %s", doc_id, e)
         raise WebError(404, f"picture {doc_id} is not readable by this server") from None
@@ -367,7 +430,8 @@ def _thumbnail(uri: str, path: str, doc_id: str, indexed_hash: Optional[str], ro
         raise WebError(404, f"picture {doc_id}: the file at its path is not the picture that was indexed "
                             f"(changed since, or indexed from bytes it sent); index it again to preview it")
     try:
-        img = decode_image(data, doc_id, draft_size=THUMB_SIZE, max_megapixels=100)
+        img = decode_image(data, doc_id, draft_size=THUMB_SIZE, max_megapixels=100) if t is None else \
+            frame_at(data, t, doc_id, short_side=THUMB_SIZE)
     except ImageError:
         raise WebError(404, f"picture {doc_id} cannot be decoded") from None
     img.thumbnail((THUMB_SIZE, THUMB_SIZE))
@@ -426,6 +490,6 @@ def serve_in_thread(app: FastAPI, host: str, port: int) -> WebServer:
     return WebServer(app, host, port).start()
 
 
-CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; form-action 'none'; base-uri 'none'"
+CSP = "default-src 'none'; img-src 'self'; media-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; form-action 'none'; base-uri 'none'"
 
 PAGE = (files(__name__) / "index.html").read_text(encoding="utf-8")

@@ -48,10 +48,10 @@ LOCK_FILE = "write.lock"
 # Values per SQL "IN (...)": well under SQLite's limit of bound parameters in one statement.
 SQL_IN_CHUNK = 500
 META_COLUMNS = ("uri", "tags", "content_hash", "mtime", "size", "width", "height", "indexed_at", "taken", "taken_from",
-                "camera", "latitude", "longitude")
+                "camera", "latitude", "longitude", "source", "t")
 # Columns added after schema version 1 was fixed: an index made before them gains them when it is opened.
 ADDED_COLUMNS = (("taken", "REAL"), ("taken_from", "TEXT"), ("camera", "TEXT"), ("latitude", "REAL"),
-                 ("longitude", "REAL"))
+                 ("longitude", "REAL"), ("source", "TEXT"), ("t", "REAL"))
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,10 @@ class Record:
     camera: Optional[str] = None
     latitude: Optional[float] = None
     longitude: Optional[float] = None
+    # A moment of a video: ``source`` is the id of the video (every moment of it shares its uri), ``t`` the
+    # moment's time in seconds. None for a picture.
+    source: Optional[str] = None
+    t: Optional[float] = None
 
 
 class VectorStore:
@@ -139,6 +143,7 @@ class VectorStore:
                     self._db.execute(f"ALTER TABLE rows ADD COLUMN {name} {kind}")
             self._db.execute("CREATE INDEX IF NOT EXISTS rows_uri ON rows(uri)")
             self._db.execute("CREATE INDEX IF NOT EXISTS rows_taken ON rows(taken)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS rows_source ON rows(source)")
             for key, value in (("schema_version", SCHEMA_VERSION), ("high_water", 0), ("generation", 0)):
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, str(value)))
             wanted = self._requested_dtype
@@ -258,12 +263,15 @@ class VectorStore:
             )
 
     def upsert(self, vectors: np.ndarray, records: Sequence[Record], model: Optional[str] = None, *,
-               keep_indexed_at: bool = False) -> None:
-        """Add or replace ``records`` (ids and uris unique within the call) with their ``vectors``. A record
-        whose ``uri`` is already stored under another id replaces that entry: one entry per picture.
+               keep_indexed_at: bool = False, replace_sources: bool = False) -> None:
+        """Add or replace ``records`` (ids unique within the call, and uris too but for the moments of one
+        video, which share its uri) with their ``vectors``. A record whose ``uri`` is already stored under
+        another id (and another source) replaces that entry: one entry per picture.
 
         Each row is stamped with the time of this write as its ``indexed_at``; with ``keep_indexed_at``
-        a record that carries its own ``indexed_at`` keeps it (a restored snapshot keeps its times)."""
+        a record that carries its own ``indexed_at`` keeps it (a restored snapshot keeps its times).
+        With ``replace_sources`` the moments given for a video are all it has: its stored moments at other times
+        go (a video that changed); without it, moments add to those stored (a video written in several calls)."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != len(records):
             raise StoreError(f"expected {len(records)} vectors as a 2-d array, got shape {vectors.shape}")
@@ -272,9 +280,13 @@ class VectorStore:
         ids = [r.id for r in records]
         if len(set(ids)) != len(ids):
             raise StoreError("ids must be unique within one upsert")
-        uris = [r.uri for r in records if r.uri]
-        if len(set(uris)) != len(uris):
-            raise StoreError("uris must be unique within one upsert")
+        by_uri: Dict[str, List[Record]] = {}
+        for r in records:
+            if r.uri:
+                by_uri.setdefault(r.uri, []).append(r)
+        for shared in (rs for rs in by_uri.values() if len(rs) > 1):
+            if shared[0].source is None or len({r.source for r in shared}) > 1 or len({r.t for r in shared}) < len(shared):
+                raise StoreError("uris must be unique within one upsert (but for the moments of one video)")
         if not np.isfinite(vectors).all():
             raise StoreError("vectors contain NaN or infinity")
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -302,20 +314,23 @@ class VectorStore:
                 if model and not self.model:
                     self._set_meta("model", model)
                 # one entry per picture: a uri stored under another id is that entry, replaced by this one
-                self._db.executemany("DELETE FROM rows WHERE uri = ? AND id != ?",
-                                     [(r.uri, r.id) for r in records if r.uri])
+                self._db.executemany("DELETE FROM rows WHERE uri = ? AND id != ? AND (source IS NULL OR source IS NOT ?)",
+                                     [(r.uri, r.id, r.source) for r in records if r.uri])
+                if replace_sources:
+                    self._db.executemany("DELETE FROM rows WHERE source = ?",
+                                         [(source,) for source in sorted({r.source for r in records if r.source})])
                 self._db.executemany(
                     "INSERT INTO rows (row, id, uri, tags, content_hash, mtime, size, width, height, indexed_at, "
-                    "taken, taken_from, camera, latitude, longitude) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET row=excluded.row, "
+                    "taken, taken_from, camera, latitude, longitude, source, t) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET row=excluded.row, "
                     "uri=excluded.uri, tags=excluded.tags, content_hash=excluded.content_hash, mtime=excluded.mtime, "
                     "size=excluded.size, width=excluded.width, height=excluded.height, indexed_at=excluded.indexed_at, "
                     "taken=excluded.taken, taken_from=excluded.taken_from, camera=excluded.camera, "
-                    "latitude=excluded.latitude, longitude=excluded.longitude",
+                    "latitude=excluded.latitude, longitude=excluded.longitude, source=excluded.source, t=excluded.t",
                     [
                         (high_water + i, r.id, r.uri, json.dumps(r.tags or {}), r.content_hash, r.mtime, r.size,
                          r.width, r.height, r.indexed_at if keep_indexed_at and r.indexed_at is not None else now,
-                         r.taken, r.taken_from, r.camera, r.latitude, r.longitude)
+                         r.taken, r.taken_from, r.camera, r.latitude, r.longitude, r.source, r.t)
                         for i, r in enumerate(records)
                     ],
                 )
@@ -329,6 +344,7 @@ class VectorStore:
         self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
 
     def delete(self, ids: Iterable[str]) -> int:
+        """Remove these ids; the id of a video removes all its moments. Returns the rows removed."""
         ids = list(ids)
         if not ids:
             return 0
@@ -337,7 +353,8 @@ class VectorStore:
             with self._transaction():
                 deleted = 0
                 for marks, part in _in_chunks(ids):
-                    deleted += self._db.execute(f"DELETE FROM rows WHERE id IN ({marks})", part).rowcount
+                    deleted += self._db.execute(f"DELETE FROM rows WHERE id IN ({marks}) OR source IN ({marks})",
+                                                part + part).rowcount
                 if deleted:
                     self._bump_generation()
             return deleted
@@ -350,13 +367,16 @@ class VectorStore:
         with self._lock:
             self._acquire_writer()
             with self._transaction():
-                current = {}
+                current, owner = {}, {}  # row id -> its tags; row id -> the id it was asked by (a video's moments)
                 for marks, part in _in_chunks(list(tags_by_id)):
-                    current.update(self._db.execute(f"SELECT id, tags FROM rows WHERE id IN ({marks})", part).fetchall())
+                    for rid, tags, source in self._db.execute(
+                            f"SELECT id, tags, source FROM rows WHERE id IN ({marks}) OR source IN ({marks})", part + part):
+                        current[rid] = tags
+                        owner[rid] = rid if rid in tags_by_id else source
                 self._db.executemany("UPDATE rows SET tags = ? WHERE id = ?",
-                                     [(json.dumps({**json.loads(current[i] or "{}"), **dict(tags_by_id[i])}), i)
+                                     [(json.dumps({**json.loads(current[i] or "{}"), **dict(tags_by_id[owner[i]])}), i)
                                       for i in current])
-            return list(current)
+            return sorted(set(owner.values()))
 
     def evict(self, ids: Sequence[str], uris: Sequence[str]) -> int:
         """Remove the rows of these ids and of these uris (a shard dropping what another shard now owns)."""
@@ -372,6 +392,8 @@ class VectorStore:
                      for (i,) in self._db.execute(f"SELECT id FROM rows WHERE id IN ({marks})", part)]
             found += [i for marks, part in _in_chunks(uris)
                       for (i,) in self._db.execute(f"SELECT id FROM rows WHERE uri IN ({marks})", part)]
+            found += [i for marks, part in _in_chunks(ids)
+                      for (i,) in self._db.execute(f"SELECT id FROM rows WHERE source IN ({marks})", part)]
             if found:
                 removed = self.delete(sorted(set(found)))
             return removed
@@ -433,8 +455,10 @@ class VectorStore:
         return view, live
 
     def search(self, queries: np.ndarray, limit: int = 10, min_score: Optional[float] = None,
-               where: Optional[Mapping[str, Any]] = None) -> List[List[Tuple[Record, float]]]:
-        """Top-``limit`` cosine matches per query, best first, among rows matching ``where``."""
+               where: Optional[Mapping[str, Any]] = None,
+               one_per_source: bool = False) -> List[List[Tuple[Record, float]]]:
+        """Top-``limit`` cosine matches per query, best first, among rows matching ``where``. With
+        ``one_per_source`` a video gives at most its best moment: the top-``limit`` sources."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         norms = np.linalg.norm(queries, axis=-1, keepdims=True)  # scores are cosines whatever the query's length
         queries = queries / np.where(norms > 0, norms, 1).astype(np.float32)
@@ -442,10 +466,24 @@ class VectorStore:
             raise StoreError(f"limit must be at least 1, got {limit}")
         for _ in range(3):
             try:
+                if one_per_source:
+                    return self._search_sources(queries, limit, min_score, where)
                 return self._search_once(queries, limit, min_score, where)
             except _EpochChanged:
                 continue  # cleared while this search ran: its row numbers name other rows now; again on the new ones
         raise StoreError(f"index at {self.path} was cleared three times during one search; retry")
+
+    def _search_sources(self, queries: np.ndarray, limit: int, min_score: Optional[float],
+                        where: Optional[Mapping[str, Any]]) -> List[List[Tuple[Record, float]]]:
+        """The top-``limit`` sources (a picture, or a video by its best moment): more rows are scanned for, four
+        times as many each round, until each query has ``limit`` sources or no more rows match."""
+        fetch = limit
+        while True:
+            found = self._search_once(queries, fetch, min_score, where)
+            kept = [_best_per_source(hits, limit) for hits in found]
+            if fetch >= self.count or all(len(k) >= limit or len(h) < fetch for k, h in zip(kept, found)):
+                return kept
+            fetch = min(fetch * 4, max(self.count, 1))
 
     def _search_once(self, queries: np.ndarray, limit: int, min_score: Optional[float],
                      where: Optional[Mapping[str, Any]]) -> List[List[Tuple[Record, float]]]:
@@ -503,11 +541,17 @@ class VectorStore:
         return out
 
     def get(self, ids: Sequence[str]) -> Dict[str, Record]:
-        """Stored metadata of these ids (missing ids are left out)."""
+        """Stored metadata of these ids (missing ids are left out); the id of a video gives its first moment."""
         out: Dict[str, Record] = {}
         for marks, part in _in_chunks(ids):
             for row in self._db.execute(f"SELECT id, {', '.join(META_COLUMNS)} FROM rows WHERE id IN ({marks})", part):
                 out[row[0]] = _record(row)
+        missing = [i for i in ids if i not in out]
+        for marks, part in _in_chunks(missing):
+            for row in self._db.execute(f"SELECT id, {', '.join(META_COLUMNS)} FROM rows WHERE source IN ({marks}) "
+                                        f"ORDER BY t DESC", part):
+                record = _record(row)
+                out[record.source] = record  # the earliest moment wins (last written)
         return out
 
     def vectors(self, ids: Sequence[str]) -> Dict[str, np.ndarray]:
@@ -550,6 +594,8 @@ class VectorStore:
                 return []
             rows = np.flatnonzero(live)
             parent = {int(r): int(r) for r in rows}
+            # the moments of one video look alike: they are one source, not duplicates of each other
+            video_of = dict(self._db.execute("SELECT row, source FROM rows WHERE source IS NOT NULL").fetchall())
             best: Dict[int, float] = {}
 
             def find(x: int) -> int:
@@ -568,6 +614,8 @@ class VectorStore:
                         sims = np.triu(sims, k=1)
                     for x, y in zip(*np.nonzero(sims >= threshold)):
                         ra, rb, sim = int(a_rows[x]), int(b_rows[y]), float(sims[x, y])
+                        if video_of and video_of.get(ra) is not None and video_of.get(ra) == video_of.get(rb):
+                            continue
                         best[ra] = max(best.get(ra, -1.0), sim)
                         best[rb] = max(best.get(rb, -1.0), sim)
                         parent[find(ra)] = find(rb)
@@ -672,6 +720,19 @@ def _in_chunks(values: Sequence[Any], size: int = SQL_IN_CHUNK) -> Iterator[Tupl
     for start in range(0, len(values), size):
         part = values[start : start + size]
         yield ",".join("?" * len(part)), part
+
+
+def _best_per_source(hits: List[Tuple[Record, float]], limit: int) -> List[Tuple[Record, float]]:
+    """``hits`` (best first) with only the first hit of each source (a video's best moment), at most ``limit``."""
+    seen, out = set(), []
+    for record, score in hits:
+        key = record.source or record.id
+        if key not in seen:
+            seen.add(key)
+            out.append((record, score))
+            if len(out) == limit:
+                break
+    return out
 
 
 def _record(row: Sequence[Any]) -> Record:

@@ -46,7 +46,7 @@ def test_usage_errors_exit_2_with_one_line(served, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a picture")
     named = _run(["index", str(notes)], env)
-    assert named.returncode == 1 and f"failed: {notes}: not an image file (clipseek reads .jpg" in named.stdout
+    assert named.returncode == 1 and f"failed: {notes}: not a picture or video file (clipseek reads .jpg" in named.stdout
     assert "pydantic" not in named.stdout + named.stderr
 
 
