@@ -1,9 +1,14 @@
 """Shared fixtures: a small CLIP built offline and saved like a hub model, and images on disk."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JINA_LOG_LEVEL", "WARNING")
+# auto's precision probe is recorded once per machine (executors/models/precision.py): the tests record it in a
+# folder of their own, so that every server they start in one run decides alike and ~/.cache is left alone.
+os.environ.setdefault("CLIPSEEK_PRECISION_CACHE", os.path.join(tempfile.mkdtemp(prefix="clipseek-tests-"),
+                                                               "precision.json"))
 
 import pytest
 from PIL import Image, ImageDraw

@@ -15,7 +15,11 @@
   candidate, in order of preference: bfloat16 where the CPU runs it natively (never where it is only
   emulated, 8x slower), then for images int8 (the int8 text tower keeps only cosine 0.998); it picks the
   first that beats float32 by MIN_SPEEDUP, else float32. The choice, the figures and
-  the CPU's bfloat16 support are logged at load.
+  the CPU's bfloat16 support are logged at load. The figures are measured once per machine and recorded
+  (``probe_file()``: ``~/.cache/clipseek/precision.json``, keyed by the probe, torch, the CPU and the
+  threads), so every later start, and every process started beside it, makes the same choice; delete the
+  file (or set ``CLIPSEEK_PRECISION_CACHE`` to another path, or to "" to measure in every process) to
+  measure again.
 
 Embeddings always leave the encoders as float32, L2-normalized, so vectors made in any precision of
 one model share one index (benchmarks/index_throughput.py prints the cosines between them).
@@ -23,7 +27,10 @@ one model share one index (benchmarks/index_throughput.py prints the cosines bet
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -86,15 +93,88 @@ AUTO_CANDIDATES = {"image": ("bfloat16", "int8"), "text": ("bfloat16",)}
 MIN_SPEEDUP = 1.2
 
 
+PROBE_FILE_ENV = "CLIPSEEK_PRECISION_CACHE"
+
+
+def probe_file() -> Optional[str]:
+    """Where the probe's figures are recorded for this machine (None: not recorded, measured per process)."""
+    path = os.environ.get(PROBE_FILE_ENV)
+    if path is not None:
+        return os.path.abspath(os.path.expanduser(path)) if path else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "clipseek", "precision.json")
+
+
 def speedups(tower: str = "image", repeat: int = 7) -> Dict[str, float]:
-    """float32 time / time in each candidate precision of ``tower``'s probe on this CPU (measured once per
-    process, ~0.1-0.5 s): what ``auto`` decides by."""
+    """float32 time / time in each candidate precision of ``tower``'s probe on this CPU (~0.1-0.5 s to measure):
+    what ``auto`` decides by. Measured once per machine and recorded in ``probe_file()``, so that every start
+    on this machine decides alike; a process reads the record, or measures and records it while holding the
+    file's lock (a process started beside it waits for those figures rather than measuring under that load)."""
     width, batch, tokens = PROBES[tower]
     key = (tower, width, batch, tokens)
     with _probe_lock:
         if key not in _speedups:
-            _speedups[key] = _measure(width, batch, tokens, AUTO_CANDIDATES[tower], repeat)
+            _speedups[key] = _recorded(key, lambda: _measure(width, batch, tokens, AUTO_CANDIDATES[tower], repeat))
         return dict(_speedups[key])
+
+
+def _machine_key(key: tuple) -> str:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return "|".join(map(str, (*key, f"torch {torch.__version__}", torch.backends.cpu.get_cpu_capability(), cpu,
+                              f"{torch.get_num_threads()} threads")))
+
+
+def _recorded(key: tuple, measure) -> Dict[str, float]:
+    """The figures recorded for ``key`` on this machine, else ``measure()`` recorded there; a file that cannot be
+    read or written only costs the record (the figures are measured and used)."""
+    path = probe_file()
+    if path is None:
+        return measure()
+    name = _machine_key(key)
+    lock_fd = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        known = _read_record(path)
+        if name in known:
+            entry = known[name]
+            logger.info("auto: reusing the precision probe recorded in %s on %s", path, entry.get("measured_at"))
+            return {k: float(v) for k, v in entry["speedups"].items()}
+        figures = measure()
+        known[name] = {"speedups": figures, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(known, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+        logger.info("auto: precision probe measured and recorded in %s (delete it to measure again)", path)
+        return figures
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.info("auto: precision probe not recorded (%s); measured in this process", e)
+        return measure()
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def _read_record(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except ValueError:  # a damaged record is measured again and rewritten
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _measure(width: int, batch: int, tokens: int, candidates, repeat: int) -> Dict[str, float]:

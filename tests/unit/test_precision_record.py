@@ -1,0 +1,51 @@
+"""auto's measurement is made once per machine and recorded, so every start decides alike."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from executors.models import precision
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_the_recorded_figures_are_reused_and_a_damaged_record_measured_again(tmp_path, monkeypatch):
+    record = tmp_path / "cache" / "precision.json"
+    monkeypatch.setenv(precision.PROBE_FILE_ENV, str(record))
+    key = ("image", 768, 4, 50)
+    assert precision._recorded(key, lambda: {"bfloat16": 3.0, "int8": 1.5}) == {"bfloat16": 3.0, "int8": 1.5}
+
+    def never():
+        raise AssertionError("measured again although this machine's figures are recorded")
+
+    assert precision._recorded(key, never) == {"bfloat16": 3.0, "int8": 1.5}
+    entry = json.loads(record.read_text())
+    assert len(entry) == 1 and "measured_at" in next(iter(entry.values()))
+    assert precision._recorded(("text", 512, 1, 16), lambda: {"bfloat16": 0.5}) == {"bfloat16": 0.5}  # its own key
+    record.write_text("{not json")
+    assert precision._recorded(key, lambda: {"bfloat16": 2.0}) == {"bfloat16": 2.0}
+    assert precision._recorded(key, never) == {"bfloat16": 2.0}
+
+
+def test_an_unwritable_record_costs_only_the_record(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(precision.PROBE_FILE_ENV, str(blocker / "precision.json"))  # under a file: no folder
+    assert precision._recorded(("image", 1, 1, 1), lambda: {"int8": 1.25}) == {"int8": 1.25}
+    monkeypatch.setenv(precision.PROBE_FILE_ENV, "")  # "" measures in every process
+    assert precision.probe_file() is None
+
+
+def test_two_starts_choose_alike(tmp_path):
+    """Two processes on one machine: the second reads the first one's figures and picks the same precision."""
+    env = dict(os.environ, **{precision.PROBE_FILE_ENV: str(tmp_path / "precision.json")})
+    code = ("from executors.models import precision as p; c = p.choose('auto', 'cpu', 'image'); "
+            "print(c.name, '|', c.reason)")
+    first, second = (subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                                    timeout=120) for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout == second.stdout and first.stdout.split("|")[1].strip().startswith("auto on cpu")
+    assert len(json.loads((tmp_path / "precision.json").read_text())) == 1
