@@ -358,3 +358,28 @@ def test_netguard_refuses_other_schemes_and_private_ranges():
                      ("http://[::1]:8080/a.png", "non-public address ::1")):
         with pytest.raises(netguard.FetchError, match=why):
             netguard.check_url(url)
+
+
+def test_a_stalled_url_times_out_after_the_default_10_seconds(tiny_model, http_base, tmp_path, monkeypatch):
+    """The promised default (10 s per URL) as the server starts it: no CLIPSEEK_URL_TIMEOUT, the index flow's
+    YAML and its encoder options as `clipseek serve` builds them, the encoder they configure."""
+    from flows.serving import INDEX_FLOW, flow_config
+
+    monkeypatch.delenv("CLIPSEEK_URL_TIMEOUT", raising=False)
+    settings = Settings(model=tiny_model, device="cpu", workspace=str(tmp_path))
+    config = flow_config(INDEX_FLOW, host="127.0.0.1", port=free_port(), workspace=settings.workspace,
+                         encoder_options={"url_timeout": settings.url_timeout,
+                                          "pretrained_model_name_or_path": settings.model, "device": "cpu"})
+    options = next(e.get("uses_with") or {} for e in config["executors"] if "image" in str(e.get("uses")))
+    assert "url_timeout" not in options  # nothing set: the encoder's own default applies
+    encoder = CLIPImageEncoder(**options, allow_private_urls=True)  # the test's HTTP server is on loopback
+    try:
+        t0 = time.monotonic()
+        done = encoder.encode(DocList[ImageInput]([ImageInput(url=f"{http_base}/stall"),
+                                                   ImageInput(url=f"{http_base}/good.png")]))
+        elapsed = time.monotonic() - t0
+    finally:
+        encoder.close()
+    assert "timed out after 10 s" in (done[0].error or ""), done[0].error
+    assert 9.5 <= elapsed < 30, elapsed
+    assert done[1].error is None and done[1].embedding is not None  # the other URL of the batch is embedded
