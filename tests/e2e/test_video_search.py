@@ -193,3 +193,41 @@ def test_web_page_date_range_and_newest_first(served, tmp_path):
         page = urllib.request.urlopen(base + "/", timeout=60).read().decode()
         assert 'id="after"' in page and 'id="before"' in page and '<option value="date">' in page
     client.close()
+
+
+def test_with_two_shards_a_video_lives_on_one_shard(tmp_path):
+    """Every moment of a video is kept by the shard its video's id hashes to: re-indexed after a change, the
+    video's moments are replaced there, never copied to the other shard."""
+    from executors.images.video import video_moments
+    from executors.simple_indexer import shard_of
+    from executors.store.vector_store import VectorStore
+
+    workspace = tmp_path / "ws"
+    env = _env(DEMO_MODEL_DIR, workspace, (free_port(), free_port()))
+    a, b, c = _distinct_scenes(3, seed=8)
+    folder = tmp_path / "media"
+    folder.mkdir()
+    videos = [folder / f"v{i}.mp4" for i in range(4)]
+    for i, video in enumerate(videos):
+        world.write_video(str(video), [(a, 2), (b, 2)] if i % 2 else [(c, 2)], size=(128, 128), seed=i)
+    server = Server(env, ["--shards", "2"])
+    try:
+        assert "indexed 4," in _run(["index", str(folder)], env).stdout
+        for video in videos[:2]:  # changed: now three shots each
+            world.write_video(str(video), [(a, 2), (b, 2), (c, 2)], size=(128, 128), seed=9)
+        assert "indexed 2, unchanged 2" in _run(["index", str(folder)], env).stdout
+        status = _run(["status", "--json"], env)
+        moments = sum(len(video_moments(v.read_bytes()).moments) for v in videos)
+        assert json.loads(status.stdout)["count"] == moments, status.stdout  # each moment once, no stale copy
+    finally:
+        server.stop()
+    from executors.images.imaging import uri_id
+
+    owner = {uri_id(str(v)): shard_of(uri_id(str(v)), 2) for v in videos}
+    for shard in (0, 1):
+        store = VectorStore(str(workspace / "SimpleIndexer" / str(shard)), read_only=True)
+        try:
+            sources = [r.source for _, r in store.iter_records()]
+        finally:
+            store.close()
+        assert all(owner[s] == shard for s in sources), (shard, sources)

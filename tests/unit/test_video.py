@@ -162,3 +162,25 @@ def test_one_upsert_refuses_two_pictures_under_one_uri(tmp_path):
             store.upsert(_unit_rows(2, 0), [Record(id=i, uri="/v/c.mp4", source="vid", t=1.0) for i in ("a", "b")])
     finally:
         store.close()
+
+
+def test_a_snapshot_keeps_a_video_as_one_source_even_across_its_batches(tmp_path, monkeypatch):
+    from executors.store import snapshot
+
+    store = VectorStore(str(tmp_path / "s"))
+    try:
+        store.upsert(_unit_rows(5, 0), _moments("vid", "/v/clip.mp4", [0, 4, 8, 12, 16]), model="m",
+                     replace_sources=True)
+        store.upsert(_unit_rows(1, 1), [Record(id="p", uri="/p/1.jpg")], model="m")
+        snapshot.create(store, str(tmp_path / "snap.zip"))
+    finally:
+        store.close()
+    monkeypatch.setattr(snapshot, "BATCH", 2)  # the video's moments arrive in three upserts
+    snapshot.restore(str(tmp_path / "snap.zip"), str(tmp_path / "restored"))
+    restored = VectorStore(str(tmp_path / "restored"))
+    try:
+        moments = sorted((r.t, r.id) for _, r in restored.iter_records() if r.source == "vid")
+        assert moments == [(0.0, "vid#t=0"), (4.0, "vid#t=4"), (8.0, "vid#t=8"), (12.0, "vid#t=12"), (16.0, "vid#t=16")]
+        assert restored.count == 6 and restored.delete(["vid"]) == 5
+    finally:
+        restored.close()
