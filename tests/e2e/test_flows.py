@@ -76,7 +76,7 @@ def test_failures_are_reported_per_document(served, picture_dir, tmp_path):
     reasons = dict(report.failed)
     assert "not a recognised image format" in reasons[str(bad)]
     assert reasons[str(tmp_path / "nowhere")] == "no such file or directory"
-    assert "matches no image" in reasons[str(tmp_path / "*.webp")]
+    assert "matches no picture or video files" in reasons[str(tmp_path / "*.webp")]
 
 
 def test_limit_min_score_filter_and_delete(served, picture_dir):
