@@ -5,10 +5,12 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JINA_LOG_LEVEL", "WARNING")
-# auto's precision probe is recorded once per machine (executors/models/precision.py): the tests record it in a
-# folder of their own, so that every server they start in one run decides alike and ~/.cache is left alone.
-os.environ.setdefault("CLIPSEEK_PRECISION_CACHE", os.path.join(tempfile.mkdtemp(prefix="clipseek-tests-"),
-                                                               "precision.json"))
+# auto's precision probe is recorded once per machine (executors/models/precision.py) and the text tower's ONNX
+# export cached (executors/models/onnx_text.py): the tests keep both in a folder of their own, so that every
+# server they start in one run decides alike and exports once, and ~/.cache is left alone.
+_CACHE = tempfile.mkdtemp(prefix="clipseek-tests-")
+os.environ.setdefault("CLIPSEEK_PRECISION_CACHE", os.path.join(_CACHE, "precision.json"))
+os.environ.setdefault("CLIPSEEK_ONNX_CACHE", os.path.join(_CACHE, "onnx"))  # exported text towers, likewise
 
 import pytest
 from PIL import Image, ImageDraw

@@ -152,6 +152,7 @@ class LoadedClip:
     family: str = "clip"  # a key of FAMILIES
     logit_bias: float = 0.0  # SigLIP's learned bias (0 for CLIP), read in float32 before any precision
     text_padding: str = "longest"  # "longest" (CLIP) or "max_length" (SigLIP): see Family
+    text_tower: Any = None  # the text tower on ONNX Runtime (executors/models/onnx_text.py), or None: torch
 
     def label_probabilities(self, cosines) -> Any:
         """Cosines of one image to its labels -> the probabilities the model's own ``logits_per_image``
@@ -178,8 +179,9 @@ def load_clip(name_or_path: str, device: Optional[str] = None, dtype: Optional[s
     tower that will run: the text tower when loaded ``with_tokenizer``, else the image tower;
     executors/models/precision.py)."""
     dev = resolve_device(device)
-    chosen = precision.choose(dtype or os.environ.get(DTYPE_ENV), dev, tower="text" if with_tokenizer else "image")
-    key = (name_or_path, dev, chosen.name, with_tokenizer)
+    chosen = _text_runtime(dtype or os.environ.get(DTYPE_ENV), dev) if with_tokenizer else None
+    chosen = chosen or precision.choose(dtype or os.environ.get(DTYPE_ENV), dev, tower="text" if with_tokenizer else "image")
+    key = (name_or_path, dev, chosen.name, chosen.runtime, with_tokenizer)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
@@ -189,6 +191,30 @@ def load_clip(name_or_path: str, device: Optional[str] = None, dtype: Optional[s
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
         return loaded
+
+
+def _text_runtime(dtype: Optional[str], device: str) -> Optional["precision.Precision"]:
+    """ONNX Runtime for the text tower on a cpu when ``auto`` (the default) leaves it free to choose and it is
+    installed, or when CLIPSEEK_TEXT_RUNTIME=onnxruntime asks for it; None: torch decides (precision.choose)."""
+    from executors.models import onnx_text
+    from executors.params import dtype_name
+
+    wanted = onnx_text.runtime_wanted()
+    name = dtype_name(dtype or precision.DEFAULT_PRECISION, precision.PRECISIONS)
+    if wanted == "torch" or not device.startswith("cpu"):
+        return None
+    version = onnx_text.available()
+    if wanted == "onnxruntime":
+        if version is None:
+            raise ValueError(f"{onnx_text.RUNTIME_ENV}=onnxruntime, but onnxruntime (and onnx) do not import here")
+        if name not in ("auto", "float32"):
+            raise ValueError(f"the text tower on ONNX Runtime runs in float32; dtype {name} runs on torch "
+                             f"({onnx_text.RUNTIME_ENV}=torch)")
+    elif name != "auto" or version is None:
+        return None
+    return precision.Precision("float32", f"auto on cpu for the text tower: ONNX Runtime {version}, float32 (the "
+                                          f"float32 model's embeddings, without eager PyTorch's per-operator cost)",
+                               runtime="onnxruntime")
 
 
 def _load(name_or_path: str, device: str, chosen: "precision.Precision", with_tokenizer: bool) -> LoadedClip:
@@ -215,9 +241,38 @@ def _load(name_or_path: str, device: str, chosen: "precision.Precision", with_to
     threads = os.environ.get(THREADS_ENV)
     if threads and device == "cpu":  # torch's intra-op threads for this whole process
         torch.set_num_threads(check_positive_int(THREADS_ENV, threads))
+    text_tower = None
+    if chosen.runtime == "onnxruntime":
+        text_tower, chosen = _onnx_text_tower(model, name_or_path, tokenizer, family, chosen)
     logger.info("loaded %s model %s on %s in %s (%s)", family.name, name_or_path, device, chosen.name, chosen.reason)
     return LoadedClip(model_id(name_or_path), model, device, chosen.input_dtype, processor_config, tokenizer, chosen.name,
-                      logit_scale, family=family.name, logit_bias=logit_bias, text_padding=family.text_padding)
+                      logit_scale, family=family.name, logit_bias=logit_bias, text_padding=family.text_padding,
+                      text_tower=text_tower)
+
+
+def _onnx_text_tower(model, name_or_path: str, tokenizer, family: "Family", chosen: "precision.Precision"):
+    """(ONNX Runtime text tower, precision) for ``model``; (None, torch float32) with the reason if it cannot be
+    made, unless ONNX Runtime was asked for by name (then ModelLoadError)."""
+    import torch
+
+    import numpy as np
+
+    from executors.models import onnx_text
+
+    padding = {"padding": "max_length", "max_length": model.config.text_config.max_position_embeddings} \
+        if family.text_padding == "max_length" else {}
+    sample = tokenizer([onnx_text.SAMPLE_TEXT], truncation=True, return_tensors="np", **padding)
+    sample = {k: v for k, v in sample.items() if k in TEXT_INPUTS}
+    if family.text_padding != "max_length":
+        sample["attention_mask"] = np.ones_like(sample["input_ids"])  # as _text_embeddings_by_length sends it
+    try:
+        return onnx_text.load_or_export(model, name_or_path, sample, torch.get_num_threads()), chosen
+    except (RuntimeError, OSError, ImportError) as e:
+        if onnx_text.runtime_wanted() == "onnxruntime":
+            raise ModelLoadError(f"cannot run the text tower of {name_or_path!r} on ONNX Runtime: {e}") from None
+        logger.warning("text tower of %s stays on torch: %s", name_or_path, e)
+        return None, precision.Precision("float32", f"auto on cpu for the text tower: torch float32 (ONNX Runtime "
+                                                    f"could not be used: {e})")
 
 
 def model_error_message(name_or_path: str, error: BaseException) -> str:
@@ -439,6 +494,9 @@ SMALL_TEXT_TOKENS = 512
 
 def _text_features(clip: LoadedClip, tokens) -> "Any":
     import torch
+
+    if clip.text_tower is not None:  # ONNX Runtime (executors/models/onnx_text.py)
+        return _to_unit_numpy(torch.from_numpy(clip.text_tower(tokens)))
 
     if clip.device == "cpu":
         small = clip.precision != "float32" and int(tokens["input_ids"].numel()) <= SMALL_TEXT_TOKENS

@@ -49,6 +49,7 @@ class Precision:
 
     name: str
     reason: str
+    runtime: str = "torch"  # or "onnxruntime" (the text tower on a cpu: executors/models/onnx_text.py)
 
     @property
     def input_dtype(self):

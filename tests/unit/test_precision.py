@@ -96,6 +96,7 @@ def test_auto_is_never_slower_than_float32_and_keeps_quality(vit_b32, reference,
     from executors.models.loading import DTYPE_ENV
 
     monkeypatch.delenv(DTYPE_ENV, raising=False)
+    monkeypatch.setenv("CLIPSEEK_TEXT_RUNTIME", "torch")  # torch's own choice (ONNX Runtime: test_onnx_text.py)
     pixels, image_ref, text_ref = reference
     text = tower == "text"
     picked = load_clip(vit_b32, "cpu", "auto", with_tokenizer=text)

@@ -1,0 +1,100 @@
+"""The text tower on ONNX Runtime: the float32 model's embeddings, exported once per model and runtime."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from executors.models import loading, onnx_text
+from executors.models.loading import load_clip, text_embeddings
+
+from tests.unit.test_model_families import siglip_model  # noqa: F401  (fixture)
+
+TEXTS = ["a photo of a red circle", "blue", "a photo of a green square and a yellow circle", "red red red red"]
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(onnx_text.CACHE_ENV, str(tmp_path / "onnx"))
+    monkeypatch.delenv(onnx_text.RUNTIME_ENV, raising=False)
+    monkeypatch.delenv(loading.DTYPE_ENV, raising=False)
+    loading._cache.clear()
+    yield
+    loading._cache.clear()
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_auto_runs_texts_on_onnx_runtime_with_the_float32_models_embeddings(family, tiny_model, siglip_model):  # noqa: F811
+    model = {"clip": tiny_model, "siglip": siglip_model}[family]
+    auto = load_clip(model, "cpu", None, with_tokenizer=True)
+    assert auto.text_tower is not None and auto.precision == "float32"
+    torch32 = load_clip(model, "cpu", "float32", with_tokenizer=True)
+    assert torch32.text_tower is None
+    got, want = text_embeddings(auto, TEXTS), text_embeddings(torch32, TEXTS)
+    assert got.shape == want.shape and (got * want).sum(axis=1).min() >= 0.99999
+    alone = np.stack([text_embeddings(auto, [t])[0] for t in TEXTS])
+    assert np.abs(alone - got).max() < 1e-5  # the same alone as in a batch of other lengths
+
+
+def test_the_export_is_cached_and_made_again_for_a_changed_model(tiny_model, tmp_path, monkeypatch):
+    load_clip(tiny_model, "cpu", None, with_tokenizer=True)
+    files = [f for f in os.listdir(tmp_path / "onnx") if f.endswith(".onnx")]
+    assert len(files) == 1
+
+    def refuse(*args):
+        raise AssertionError("exported again although the cache holds this model's export")
+
+    monkeypatch.setattr(onnx_text, "_export", refuse)
+    loading._cache.clear()
+    assert load_clip(tiny_model, "cpu", None, with_tokenizer=True).text_tower is not None
+    # a damaged cached file is exported again
+    (tmp_path / "onnx" / files[0]).write_bytes(b"not an onnx model")
+    monkeypatch.undo()
+    monkeypatch.setenv(onnx_text.CACHE_ENV, str(tmp_path / "onnx"))
+    loading._cache.clear()
+    tower = load_clip(tiny_model, "cpu", None, with_tokenizer=True).text_tower
+    assert tower is not None and os.path.getsize(tower.path) > 1000
+
+
+def test_a_changed_model_folder_gets_its_own_export(tiny_model, tmp_path):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model, copy)
+    first = load_clip(str(copy), "cpu", None, with_tokenizer=True).text_tower.path
+    weights = next(p for p in copy.iterdir() if p.suffix == ".safetensors")
+    os.utime(weights, (1, 1))  # the weights file changed
+    loading._cache.clear()
+    second = load_clip(str(copy), "cpu", None, with_tokenizer=True).text_tower.path
+    assert first != second
+
+
+def test_a_failed_export_keeps_the_text_tower_on_torch(tiny_model, monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("torch.onnx.export failed: an operator it cannot write")
+
+    monkeypatch.setattr(onnx_text, "_export", broken)
+    with caplog.at_level(logging.WARNING, logger="executors.models.loading"):
+        clip = load_clip(tiny_model, "cpu", None, with_tokenizer=True)
+    assert clip.text_tower is None and clip.precision == "float32"
+    assert "stays on torch: torch.onnx.export failed" in caplog.text
+    assert text_embeddings(clip, TEXTS).shape[0] == len(TEXTS)
+    monkeypatch.setenv(onnx_text.RUNTIME_ENV, "onnxruntime")  # asked for by name: an error, not a fallback
+    loading._cache.clear()
+    with pytest.raises(loading.ModelLoadError, match="cannot run the text tower .* on ONNX Runtime"):
+        load_clip(tiny_model, "cpu", None, with_tokenizer=True)
+
+
+def test_the_runtime_setting(tiny_model, monkeypatch):
+    monkeypatch.setenv(onnx_text.RUNTIME_ENV, "torch")
+    assert load_clip(tiny_model, "cpu", None, with_tokenizer=True).text_tower is None
+    monkeypatch.setenv(onnx_text.RUNTIME_ENV, "onnxruntime")
+    with pytest.raises(ValueError, match="runs in float32; dtype int8 runs on torch"):
+        load_clip(tiny_model, "cpu", "int8", with_tokenizer=True)
+    monkeypatch.setenv(onnx_text.RUNTIME_ENV, "tensorrt")
+    with pytest.raises(ValueError, match="must be auto, torch or onnxruntime"):
+        load_clip(tiny_model, "cpu", None, with_tokenizer=True)
+    monkeypatch.delenv(onnx_text.RUNTIME_ENV)
+    assert load_clip(tiny_model, "cpu", "bfloat16", with_tokenizer=True).text_tower is None  # a precision named
+    assert load_clip(tiny_model, "cpu", None).text_tower is None  # the image tower stays on torch
