@@ -184,3 +184,21 @@ def test_a_snapshot_keeps_a_video_as_one_source_even_across_its_batches(tmp_path
         assert restored.count == 6 and restored.delete(["vid"]) == 5
     finally:
         restored.close()
+
+
+def test_plot_draws_the_frame_of_a_moment(clip, tmp_path, caplog):
+    import logging
+
+    from clipseek.plotting import plot_hits
+    from executors.docs import Hit
+
+    path, shots = clip
+    hits = [Hit(id=f"v:t{s['start']:g}", uri=moment_uri(str(path), s["start"] + 1), score=0.5, t=s["start"] + 1)
+            for s in shots]
+    with caplog.at_level(logging.WARNING, logger="clipseek.plotting"):
+        fig = plot_hits("a moment", hits, str(tmp_path / "plot.png"))
+    assert "cannot show" not in caplog.text
+    shown = [ax.images[0].get_array() for ax in fig.axes if ax.images]
+    assert len(shown) == 3
+    means = [tuple(np.asarray(a, dtype=np.float32).reshape(-1, 3).mean(0).round()) for a in shown]
+    assert len(set(means)) == 3  # each panel shows its own moment's frame
