@@ -231,3 +231,17 @@ def test_with_two_shards_a_video_lives_on_one_shard(tmp_path):
         finally:
             store.close()
         assert all(owner[s] == shard for s in sources), (shard, sources)
+
+
+def test_video_spacing_and_moment_bound_flags(served, tmp_path):
+    env = served
+    assert _run(["clear", "--yes"], env).returncode == 0
+    (a,) = _distinct_scenes(1, seed=2)
+    video = tmp_path / "still.mp4"
+    world.write_video(str(video), [(a, 6)], fps=5, size=(96, 96))
+    assert "indexed 1," in _run(["index", str(video), "--video-spacing", "1"], env).stdout
+    assert json.loads(_run(["status", "--json"], env).stdout)["count"] == 6  # one a second, still as it is
+    assert "indexed 1," in _run(["index", str(video), "--force", "--max-moments", "2"], env).stdout
+    assert json.loads(_run(["status", "--json"], env).stdout)["count"] == 2
+    over = _run(["index", str(video), "--force", "--max-moments", "1000"], env)
+    assert over.returncode != 0 and "max_moments" in (over.stdout + over.stderr), over.stdout + over.stderr
