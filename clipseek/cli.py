@@ -172,7 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-prefix", default="clipseek", help="registry/prefix of the executor images (default clipseek)")
     p.add_argument("--tag", default="0.1.0", help="image tag (default 0.1.0)")
     p.add_argument("--shards", type=int, help="indexer shards (default: as in the flow YAMLs)")
-    p.add_argument("--model", help="CLIP model the encoders load inside their containers")
+    p.add_argument("--model", help="CLIP model the encoders load: a hub name or a folder inside the image "
+                                   "(/app/data/models/clipseek-demo is baked in), or with --model-volume the folder "
+                                   "inside that volume")
+    p.add_argument("--model-volume", metavar="VOLUME",
+                   help="where the encoders read the model from, mounted read-only at /models in every encoder of "
+                        "both flows: an existing PersistentVolumeClaim of this name in each flow's namespace "
+                        "(kubernetes), or a named volume or host folder (docker-compose)")
 
     p = sub.add_parser("classify", help="zero-shot labels for an image, with probabilities",
                        description="Zero-shot classification on the search flow: score one image against each "
@@ -547,7 +553,8 @@ def cmd_snapshot(args) -> int:
 def cmd_export(args) -> int:
     from flows.export import export
 
-    for path in export(args.kind, args.out, prefix=args.image_prefix, tag=args.tag, shards=args.shards, model=args.model):
+    for path in export(args.kind, args.out, prefix=args.image_prefix, tag=args.tag, shards=args.shards, model=args.model,
+                       model_volume=args.model_volume):
         print(f"wrote {path}")
     return 0
 

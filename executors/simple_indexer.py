@@ -13,10 +13,11 @@ from docarray import DocList
 from jina import Executor, requests
 
 from executors.docs import (STATUS_FAILED, STATUS_INDEXED, DuplicateGroup, Hit, ImageInput, IndexStatus, KeyDoc, TextQuery,
-                            VideoMoment, has_image)
+                            QueryPart, VideoMoment, has_image)
 from executors.images.video import format_time, moment_uri
 from executors.store.filters import FilterError
 from executors.params import MAX_LIMIT, RequestError, as_any, as_bool, as_float, as_int, as_flag, request_options
+from executors.shard_merger import FEEDBACK_VECTORS, VECTORS_ENDPOINT, mark_answer
 from executors.store.vector_store import Record, StoreError, VectorStore
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ WEIGHT = as_float(-100.0, 100.0)
 # What a request's parameters may set; where the files live and how they are stored are fixed at start.
 REQUEST_OPTIONS = {"limit": as_int(1, MAX_LIMIT), "min_score": as_float(), "filter": as_any,
                    "return_embeddings": as_bool, "like": as_any, "unlike": as_any, "query_weight": WEIGHT,
-                   "like_weight": WEIGHT, "unlike_weight": WEIGHT, "all_moments": as_bool}
+                   "like_weight": WEIGHT, "unlike_weight": WEIGHT, "all_moments": as_bool, FEEDBACK_VECTORS: as_any}
 DUPLICATE_OPTIONS = {"threshold": as_float(0.5, 1.0)}
 LIST_OPTIONS = {"after_id": as_any, "page": as_int(1, 10_000)}
 
@@ -165,12 +166,16 @@ class SimpleIndexer(Executor):
         min_score = None if options["min_score"] is None else float(options["min_score"])
         try:
             like, unlike = _id_list(options["like"], "like"), _id_list(options["unlike"], "unlike")
+            sent = _sent_vectors(options.get(FEEDBACK_VECTORS), like + unlike, self.store.dim)
         except ValueError as e:
             for doc in docs:
                 doc.matches, doc.error = DocList[Hit](), str(e)
             return docs
-        stored = self.store.vectors(like + unlike) if like or unlike else {}
-        missing = [i for i in like + unlike if i not in stored]
+        # The vectors a request sends for liked / disliked ids (the search flow's gateway fetches them from the
+        # shards that hold them) come first: then every shard builds the same query vector.
+        wanted = [i for i in like + unlike if i not in sent]
+        stored = {**(self.store.vectors(wanted) if wanted else {}), **sent}
+        missing = [i for i in dict.fromkeys(like + unlike) if i not in stored]
         queries, vectors = [], []
         for doc in docs:
             doc.matches = DocList[Hit]()
@@ -230,6 +235,35 @@ class SimpleIndexer(Executor):
         if not np.isfinite(total).all() or not np.linalg.norm(total):
             raise ValueError("the query's parts cancel out: nothing is left to search for")
         return _unit(total)
+
+    @requests(on=VECTORS_ENDPOINT)
+    def vectors(self, docs: DocList[QueryPart], **kwargs) -> DocList[QueryPart]:
+        """The stored vector of each document id as its ``embedding`` (with the index's ``embedding_model``);
+        none for an id this index does not hold. With several shards the ShardMerger takes each from the shard
+        that holds it: the search flow's gateway sends them with a search (``FEEDBACK_VECTORS``), so that every
+        shard builds the query vector of liked and disliked results alike."""
+        stored = self.store.vectors([d.id for d in docs]) if len(docs) else {}
+        model = self.store.model
+        for doc in docs:
+            vector = stored.get(doc.id)
+            doc.embedding, doc.embedding_model = vector, model if vector is not None else None
+        return docs
+
+    async def __acall__(self, req_endpoint: str, **kwargs):
+        """Each endpoint's answer; with several shards ended with this shard's mark, which carries the error the
+        endpoint raised instead of raising it, so that the ShardMerger can tell a shard that failed or never
+        answered from one that found nothing (``executors/shard_merger.py``)."""
+        endpoint = self.requests.get(req_endpoint)
+        if self.shards == 1 or endpoint is None:
+            return await super().__acall__(req_endpoint, **kwargs)
+        schema = endpoint.response_schema
+        try:
+            answer = await super().__acall__(req_endpoint, **kwargs)
+        except Exception as e:  # noqa: BLE001 - handed to the merger, which answers it
+            logger.warning("shard %d of %d: %s failed: %r", self.shard_id, self.shards, req_endpoint, e,
+                           exc_info=not isinstance(e, (RequestError, StoreError)))
+            return mark_answer(None, schema, self.shard_id, self.shards, e)
+        return mark_answer(answer if answer is not None else kwargs.get("docs"), schema, self.shard_id, self.shards)
 
     @requests(on="/duplicates")
     def duplicates(self, docs: DocList[DuplicateGroup], parameters: Optional[Dict] = None,
@@ -314,6 +348,26 @@ def _id_list(value, name: str) -> list:
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
     raise ValueError(f"{name} must be a list of document ids, got {value!r}")
+
+
+def _sent_vectors(value, ids, dim: Optional[int]) -> Dict[str, np.ndarray]:
+    """The vectors a search request sent for its liked / disliked ``ids`` (``FEEDBACK_VECTORS``: {id: [float,
+    ...]}; any other id is ignored). Raises ValueError naming what is wrong."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{FEEDBACK_VECTORS} must map document ids to vectors, got {type(value).__name__}")
+    out = {}
+    for key in set(ids) & set(value):
+        try:
+            vector = np.asarray(value[key], dtype=np.float32).ravel()
+        except (TypeError, ValueError):
+            raise ValueError(f"{FEEDBACK_VECTORS}[{key!r}] must be a list of numbers") from None
+        if not vector.size or (dim and vector.size != dim) or not np.isfinite(vector).all():
+            raise ValueError(f"{FEEDBACK_VECTORS}[{key!r}] must be {dim or 'some'} finite numbers, got "
+                             f"{vector.size} values")
+        out[key] = vector
+    return out
 
 
 def _stored_uri(doc: ImageInput) -> Optional[str]:

@@ -14,6 +14,10 @@ name the executors a request goes to (``target_executor``), so any executor put 
 refuse writes could be skipped, and a jina head forwards a request to its shards even when its
 ``uses_before`` answered with an error.
 
+The gateway also gives a search's liked and disliked ids the vectors the shards keep for them, whichever
+shard that is (``FeedbackGateway``, which ``clipseek serve --shards N`` runs too), so that every shard
+searches with the same query vector.
+
 ``running_shared_flows`` / ``shared_flows_in_subprocess`` start the same topology on one machine, every
 process on 127.0.0.1, the search flow reaching the shards over gRPC at the ports the index flow gave them.
 """
@@ -24,11 +28,13 @@ import contextlib
 import copy
 import json
 import os
+import re
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
 from jina.serve.runtimes.gateway.grpc import GRPCGateway
 
+from executors.shard_merger import FEEDBACK_VECTORS, VECTORS_ENDPOINT
 from flows.settings import PROJECT_ROOT, Settings
 
 INDEXER = "indexer"
@@ -105,12 +111,179 @@ class _RefuseWrites(grpc.aio.ServerInterceptor):
         return handler
 
 
-class ReadOnlyGateway(GRPCGateway):
-    """jina's gRPC gateway, refusing every write endpoint (``WRITE_ENDPOINTS``) of the flow behind it."""
+def feedback_ids(request: Any) -> List[str]:
+    """The liked and disliked ids of a ``/search`` request that sends no vectors for them (else none)."""
+    header = getattr(request, "header", None)
+    if getattr(header, "exec_endpoint", None) != "/search":
+        return []
+    parameters = request.parameters
+    if parameters.get(FEEDBACK_VECTORS) is not None:
+        return []
+    ids: List[str] = []
+    for key in ("like", "unlike"):
+        value = parameters.get(key)
+        values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        ids += [v for v in values if isinstance(v, str) and v not in ids]  # anything else: the shards refuse it
+    return ids
+
+
+class _FeedbackVectors(grpc.aio.ServerInterceptor):
+    """Gives a ``/search`` that names liked or disliked ids the stored vectors of those ids, fetched first through
+    the same flow (``/vectors``, which every shard answers and the ShardMerger merges), as the parameter
+    ``FEEDBACK_VECTORS``: so every shard builds its query vector from all of them, wherever they are kept.
+
+    A search whose lookup fails ends with that error (a shard that failed or is down): its answer would be
+    built from the vectors of some shards only."""
+
+    def __init__(self, gateway: GRPCGateway):
+        self._gateway = gateway
+
+    async def _add_vectors(self, request: Any) -> Optional[str]:
+        """None once ``request`` carries the vectors it needs; else why they could not be had."""
+        ids = feedback_ids(request)
+        if not ids:
+            return None
+        import numpy as np
+        from docarray import DocList
+        from jina.proto import jina_pb2
+        from jina.types.request.data import DataRequest
+
+        from executors.docs import QueryPart
+        from flows.transport import server_message
+
+        lookup = DataRequest()
+        lookup.header.exec_endpoint = VECTORS_ENDPOINT
+        lookup.data.docs = DocList[QueryPart]([QueryPart(id=i) for i in ids])
+        try:
+            answer = await self._gateway.streamer.process_single_data(lookup)
+        except Exception as e:  # noqa: BLE001 - the search's answer
+            return (shard_down(VECTORS_ENDPOINT, str(e), external_shards(self._gateway))
+                    or f"the vectors of the liked / disliked ids could not be read: {e}")
+        status = answer.header.status
+        if status.code == jina_pb2.StatusProto.ERROR:
+            return server_message(str(status.description or status.exception.name or "the lookup failed"))
+        answer.document_array_cls = DocList[QueryPart]
+        parameters = request.parameters
+        parameters[FEEDBACK_VECTORS] = {d.id: np.asarray(d.embedding, dtype=np.float32).ravel().tolist()
+                                        for d in answer.docs if d.embedding is not None}
+        request.parameters = parameters
+        return None
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        common = dict(request_deserializer=handler.request_deserializer,
+                      response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            async def unary(request, context):
+                failure = await self._add_vectors(request)
+                if failure:
+                    await context.abort(grpc.StatusCode.INTERNAL, failure)
+                return await inner_unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **common)
+        if handler.stream_stream is not None:
+            inner_stream = handler.stream_stream
+
+            async def stream(request_iterator, context):
+                failures: List[str] = []
+
+                async def with_vectors():
+                    async for request in request_iterator:
+                        failure = await self._add_vectors(request)
+                        if failure:
+                            failures.append(failure)
+                            return  # the requests before it are answered, then the call ends with the failure
+                        yield request
+
+                async for response in inner_stream(with_vectors(), context):
+                    yield response
+                if failures:
+                    await context.abort(grpc.StatusCode.INTERNAL, failures[0])
+
+            return grpc.stream_stream_rpc_method_handler(stream, **common)
+        return handler
+
+
+SHARD_DOWN = re.compile(r"Communication error with deployment (indexer_(\d+)) at")
+
+
+def external_shards(gateway: GRPCGateway) -> int:
+    """How many indexer shards a search flow's gateway reaches as external executors (``indexer_<k>``)."""
+    try:
+        addresses = json.loads(getattr(gateway.runtime_args, "deployments_addresses", None) or "{}")
+    except (TypeError, ValueError):
+        return 0
+    return sum(1 for name in addresses if re.fullmatch(r"indexer_\d+", name))
+
+
+def shard_down(endpoint: str, message: str, shards: int = 0) -> Optional[str]:
+    """What a client reads where jina's gateway could not reach the search flow's shard ``indexer_<k>``
+    (``message`` is jina's error), in the ShardMerger's words; None for any other error."""
+    down = SHARD_DOWN.search(message or "")
+    if not down:
+        return None
+    of = f" of {shards}" if shards else ""
+    return (f"{endpoint}: indexer shard {down.group(2)}{of} did not answer ({down.group(1)} is down or "
+            f"unreachable): the other shards alone would give a partial answer")
+
+
+class _UnaryFailures(grpc.aio.ServerInterceptor):
+    """Ends a single request that jina's gateway failed (an executor it could not reach) with that status alone.
+
+    jina answers such a request with an empty message besides the status, which grpc's client cannot read
+    (jina's ``DataRequest`` refuses to be copied): the client would see "the buffer is already decompressed".
+    A search flow shard it could not reach (``indexer_<k>``) is named, as the ShardMerger names the shards
+    it lacks: the others alone would give a partial answer."""
+
+    def __init__(self, gateway: GRPCGateway):
+        self._gateway = gateway
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner_unary = handler.unary_unary
+
+        async def unary(request, context):
+            response = await inner_unary(request, context)
+            code = context.code()
+            if code is None or code == grpc.StatusCode.OK:
+                return response
+            message = (context.details() or str(code)).strip()
+            if isinstance(message, bytes):
+                message = message.decode(errors="replace")
+            endpoint = getattr(getattr(request, "header", None), "exec_endpoint", "") or "the request"
+            down = shard_down(endpoint, message, external_shards(self._gateway))
+            if down:
+                await context.abort(grpc.StatusCode.INTERNAL, down)
+            await context.abort(code, message)
+
+        return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
+class FeedbackGateway(GRPCGateway):
+    """jina's gRPC gateway for a search flow whose indexer has several shards: a search's liked and disliked
+    ids get their vectors from whichever shard keeps them (``_FeedbackVectors``), and a request that a shard
+    it could not reach failed ends with an error naming that shard (``_UnaryFailures``)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.grpc_tracing_server_interceptors = [*(self.grpc_tracing_server_interceptors or []), _RefuseWrites()]
+        self.grpc_tracing_server_interceptors = [*(self.grpc_tracing_server_interceptors or []),
+                                                 _UnaryFailures(self), _FeedbackVectors(self)]
+
+
+class ReadOnlyGateway(FeedbackGateway):
+    """The ``FeedbackGateway``, refusing every write endpoint (``WRITE_ENDPOINTS``) of the flow behind it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # first: a write is refused before anything else looks at it
+        self.grpc_tracing_server_interceptors = [_RefuseWrites(), *(self.grpc_tracing_server_interceptors or [])]
 
 
 # -- Flow configs ------------------------------------------------------------------------------------------
@@ -159,9 +332,9 @@ def shared_search_config(search_config: Dict[str, Any], shard_addresses: Sequenc
 
     Shard ``k`` becomes the external executor ``indexer_k`` at ``shard_addresses[k]`` (one shard: the
     external executor ``indexer``); with several, a ``ShardMerger`` named ``indexer`` (the indexer's
-    ``uses_after``, with its ``limit``) needs all of them and gets their answers side by side
-    (``no_reduce``), as the head's ``uses_after`` does in the index flow. The gateway is ``gateway_uses``
-    (``ReadOnlyGateway``): the shards write whatever reaches them."""
+    ``uses_after``, with its ``limit`` and the number of shards, whose answers it expects) needs all of them
+    and gets their answers side by side (``no_reduce``), as the head's ``uses_after`` does in the index
+    flow. The gateway is ``gateway_uses`` (``ReadOnlyGateway``): the shards write whatever reaches them."""
     config = copy.deepcopy(search_config)
     executors = config["executors"]
     indexer = indexer_of(config)
@@ -181,7 +354,7 @@ def shared_search_config(search_config: Dict[str, Any], shard_addresses: Sequenc
     replaced = externals
     if shards > 1:
         merger = {"name": INDEXER, "uses": indexer["uses_after"], "needs": names, "no_reduce": True,
-                  "uses_with": {"limit": (indexer.get("uses_with") or {}).get("limit", 10)}}
+                  "uses_with": {"limit": (indexer.get("uses_with") or {}).get("limit", 10), "shards": shards}}
         for key in ("host", "workspace", "timeout_ready"):
             if key in indexer:
                 merger[key] = indexer[key]

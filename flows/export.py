@@ -10,14 +10,18 @@ jina's own exporter writes the manifests, in the topology of ``flows/cluster.py`
 - the search flow reaches those same processes as external executors (on Kubernetes the shard's
   Service in the index namespace, port 8080), merges their answers with its own ``ShardMerger``
   and refuses writes at its gateway (``ReadOnlyGateway``, image ``read_only_gateway``);
-- the encoders are stateless Deployments whose ``replicas`` (the flow YAMLs) scale embedding.
+- the encoders are stateless Deployments whose ``replicas`` (the flow YAMLs) scale embedding; they load
+  the model from the hub, from a folder inside their image, or (``model_volume``) from a volume of
+  the cluster mounted read-only at ``/models`` in each of them.
 """
 
 import contextlib
 import copy
 import json
 import os
-from typing import Dict, List, Optional
+import posixpath
+import re
+from typing import Dict, List, Optional, Sequence
 
 import yaml
 
@@ -33,6 +37,11 @@ COMPOSE_PORT = 8081  # and here in docker compose
 ACCESS_MODES = ["ReadWriteOnce"]
 DEFAULT_STORAGE = "10Gi"
 READ_ONLY_GATEWAY_YML = os.path.join(PROJECT_ROOT, "executors", "read_only_gateway.yml")
+# Where every encoder finds the volume it reads the model from (--model-volume), mounted read-only.
+MODEL_MOUNT = "/models"
+MODEL_VOLUME = "model"  # the pod's name for it
+CLAIM_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a Kubernetes object name (DNS subdomain)
+COMPOSE_VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 
 
 def image_name(uses: str, prefix: str, tag: str) -> str:
@@ -54,10 +63,35 @@ def container_config(path: str, port: int, prefix: str, tag: str, shards: Option
     return config
 
 
+def model_path(model: Optional[str], volume: Optional[str]) -> Optional[str]:
+    """What the encoders load (``pretrained_model_name_or_path``): without ``volume``, ``model`` as given (a hub
+    name, or a folder inside the image); with it, the folder ``model`` of that volume, mounted at ``MODEL_MOUNT``
+    (the volume's root without ``model``)."""
+    if not volume:
+        return model
+    if model and (os.path.isabs(model) or ".." in model.replace("\\", "/").split("/")):
+        raise ValueError(f"--model {model}: with --model-volume, name the model's folder inside the volume "
+                         f"(e.g. clip-vit-base-patch32), which the encoders read at {MODEL_MOUNT}/<folder>")
+    return posixpath.join(MODEL_MOUNT, model.strip("/")) if model else MODEL_MOUNT
+
+
+def _check_model_volume(kind: str, volume: str) -> None:
+    if kind == "kubernetes" and not CLAIM_NAME.fullmatch(volume):
+        raise ValueError(f"--model-volume {volume!r}: on Kubernetes, the name of an existing PersistentVolumeClaim "
+                         f"(lower-case letters, digits, '-' and '.') in each flow's namespace")
+    if kind == "docker-compose" and not (_is_host_path(volume) or COMPOSE_VOLUME_NAME.fullmatch(volume)):
+        raise ValueError(f"--model-volume {volume!r}: in docker compose, a named volume (letters, digits, '_', "
+                         f"'.', '-') or a host folder (/abs/path or ./relative/path)")
+
+
+def _is_host_path(volume: str) -> bool:
+    return volume.startswith(("/", "./", "../", "~"))
+
+
 def flow_configs(kind: str, *, prefix: str, tag: str, shards: Optional[int], model: Optional[str],
-                 namespace: str) -> Dict[str, Dict]:
+                 namespace: str, model_volume: Optional[str] = None) -> Dict[str, Dict]:
     """{'index': config, 'search': config}: the search flow's shards are the index flow's shard services."""
-    options = {"pretrained_model_name_or_path": model}
+    options = {"pretrained_model_name_or_path": model_path(model, model_volume)}
     index = container_config(INDEX_FLOW, DEFAULT_INDEX_PORT, prefix, tag, shards, options)
     if int(indexer_of(index).get("replicas", 1)) != 1:
         raise ValueError("an indexer shard is one process with its own volume: replicas of the indexer must be 1")
@@ -72,15 +106,23 @@ def flow_configs(kind: str, *, prefix: str, tag: str, shards: Optional[int], mod
 
 
 def export(kind: str, out_dir: str, *, prefix: str = "clipseek", tag: str = "0.1.0", shards: Optional[int] = None,
-           model: Optional[str] = None, namespace: str = "clipseek") -> List[str]:
+           model: Optional[str] = None, namespace: str = "clipseek", model_volume: Optional[str] = None) -> List[str]:
     """Write Kubernetes manifests (one folder per flow, and the namespaces) or docker compose files
-    (one per flow); returns what was written."""
+    (one per flow); returns what was written.
+
+    ``model_volume``: where the encoders read the model from, mounted read-only at ``MODEL_MOUNT`` in every
+    encoder of both flows (``model`` then names the folder inside it): on Kubernetes an existing
+    PersistentVolumeClaim of that name in each flow's namespace, in docker compose an existing named volume
+    or a host folder. Without it the encoders load ``model`` from the hub or from a folder inside the image."""
     if kind not in ("kubernetes", "docker-compose"):
         raise ValueError(f"unknown export kind {kind!r}: kubernetes or docker-compose")
+    if model_volume:
+        _check_model_volume(kind, model_volume)
     os.environ.setdefault("JINA_GATEWAY_IMAGE", GATEWAY_IMAGE)  # else jina asks the hub which image to use
-    configs = flow_configs(kind, prefix=prefix, tag=tag, shards=shards, model=model, namespace=namespace)
+    configs = flow_configs(kind, prefix=prefix, tag=tag, shards=shards, model=model, namespace=namespace,
+                           model_volume=model_volume)
     with _quiet_jina():
-        return _write(kind, out_dir, configs, namespace)
+        return _write(kind, out_dir, configs, namespace, model_volume)
 
 
 @contextlib.contextmanager
@@ -99,7 +141,13 @@ def _quiet_jina():
             os.environ["JINA_LOG_LEVEL"] = before
 
 
-def _write(kind: str, out_dir: str, configs: Dict[str, Dict], namespace: str) -> List[str]:
+def _encoders(config: Dict) -> List[str]:
+    """The names of the flow's encoders (the executors that load the model)."""
+    return [e["name"] for e in config["executors"] if "encoder" in e.get("name", "") and not e.get("external")]
+
+
+def _write(kind: str, out_dir: str, configs: Dict[str, Dict], namespace: str,
+           model_volume: Optional[str] = None) -> List[str]:
     from jina import Flow
 
     shards_written = shard_names(shard_count(configs["index"]))
@@ -123,6 +171,10 @@ def _write(kind: str, out_dir: str, configs: Dict[str, Dict], namespace: str) ->
                     path = os.path.join(target, INDEXER, f"{shard}.yml")
                     _dump_all(path, [stateful_shard(doc, storage_class=storage_class, storage=storage)
                                      for doc in _load_all(path)])
+            for encoder in _encoders(config) if model_volume else []:
+                folder = os.path.join(target, encoder)
+                for path in sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".yml")):
+                    _dump_all(path, [with_model_claim(doc, model_volume) for doc in _load_all(path)])
             written.append(target)
     else:
         for name, config in configs.items():
@@ -133,7 +185,9 @@ def _write(kind: str, out_dir: str, configs: Dict[str, Dict], namespace: str) ->
             target = os.path.join(out_dir, f"docker-compose.{name}.yml")
             Flow.load_config(config).to_docker_compose_yaml(target, network_name=f"{namespace}-{name}")
             compose = _load_all(target)[0]
-            _dump_all(target, [compose_topology(compose, name, namespace, shards_written)])
+            encoders = [e.replace("_", "-") for e in _encoders(config)]  # jina's service names
+            _dump_all(target, [compose_topology(compose, name, namespace, shards_written, model_volume=model_volume,
+                                                encoders=encoders)])
             written.append(target)
     return written
 
@@ -175,7 +229,23 @@ def stateful_shard(doc: Dict, *, storage_class: Optional[str] = None, storage: s
     return doc
 
 
-def compose_topology(compose: Dict, flow: str, namespace: str, shards: List[str]) -> Dict:
+def with_model_claim(doc: Dict, claim: str) -> Dict:
+    """jina's Deployment of an encoder with the claim ``claim`` mounted read-only at ``MODEL_MOUNT`` in its
+    executor container; any other document unchanged."""
+    if doc.get("kind") != "Deployment":
+        return doc
+    doc = copy.deepcopy(doc)
+    pod = doc["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "executor"]
+    pod["volumes"] = [*pod.get("volumes", []), {"name": MODEL_VOLUME,
+                                                 "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}]
+    container["volumeMounts"] = [*container.get("volumeMounts", []),
+                                 {"name": MODEL_VOLUME, "mountPath": MODEL_MOUNT, "readOnly": True}]
+    return doc
+
+
+def compose_topology(compose: Dict, flow: str, namespace: str, shards: List[str], *,
+                     model_volume: Optional[str] = None, encoders: Sequence[str] = ()) -> Dict:
     """One flow's compose file as jina wrote it, with the two flows' shared parts: the index flow's shard
     services each keep their workspace on a named volume, and join the network ``<namespace>-shards`` with
     the search flow's gateway, which reaches them there. Each file is a compose project of its own."""
@@ -194,6 +264,14 @@ def compose_topology(compose: Dict, flow: str, namespace: str, shards: List[str]
     else:
         out["networks"][shared] = {"name": shared, "external": True}  # created by the index project
         services["gateway"]["networks"] = [*services["gateway"]["networks"], shared]
+    if model_volume:  # every encoder reads the model from it, and writes nothing there
+        missing = [e for e in encoders if e not in services]
+        if missing:
+            raise ValueError(f"no compose service for encoder(s) {missing}")
+        for encoder in encoders:
+            services[encoder]["volumes"] = [*services[encoder].get("volumes", []), f"{model_volume}:{MODEL_MOUNT}:ro"]
+        if not _is_host_path(model_volume):  # a named volume the user made and filled (docker volume create)
+            out["volumes"] = {**(out.get("volumes") or {}), model_volume: {"external": True}}
     return out
 
 

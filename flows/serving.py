@@ -72,10 +72,24 @@ def build_flows(settings: Settings):
     index_flow = Flow.load_config(flow_config(INDEX_FLOW, host=settings.host, port=settings.index_port,
                                                  workspace=settings.workspace, shards=settings.shards,
                                                  encoder_options={**options, "allowed_roots": roots}))
-    search_flow = Flow.load_config(flow_config(SEARCH_FLOW, host=settings.host, port=settings.search_port,
-                                               workspace=settings.workspace, shards=settings.shards,
-                                               encoder_options={**options, "batch_size": None, "allowed_roots": roots}))
-    return index_flow, search_flow
+    search_config = flow_config(SEARCH_FLOW, host=settings.host, port=settings.search_port,
+                                workspace=settings.workspace, shards=settings.shards,
+                                encoder_options={**options, "batch_size": None, "allowed_roots": roots})
+    return index_flow, Flow.load_config(with_feedback_gateway(search_config))
+
+
+# The search flow's gateway where its indexer has several shards: a search's liked and disliked ids get the
+# vectors of whichever shard keeps them, so every shard builds the same query vector (flows/cluster.py).
+FEEDBACK_GATEWAY = {"uses": "FeedbackGateway", "py_modules": ["flows.cluster"]}
+
+
+def with_feedback_gateway(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A search flow config whose indexer has several shards with ``FEEDBACK_GATEWAY`` as its gateway; one
+    shard keeps every vector itself, and its flow keeps jina's own gateway."""
+    shards = max([int(e.get("shards", 1)) for e in config.get("executors", [])] or [1])
+    if shards > 1:
+        config = {**config, "gateway": {**(config.get("gateway") or {}), **FEEDBACK_GATEWAY}}
+    return config
 
 
 def preload() -> None:

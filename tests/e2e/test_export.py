@@ -138,7 +138,7 @@ def test_the_search_flows_shard_k_is_the_index_flows_shard_k(k8s):
     assert addresses["indexer"] == ["grpc://indexer.clipseek-search.svc:8080"]
     merger = manifests[("clipseek-search", "Deployment", "indexer")]
     assert _executor(merger)["image"] == "registry.local/clipseek/shard_merger:9.9"
-    assert json.loads(_args(_executor(merger))["--uses-with"]) == {"limit": 10}
+    assert json.loads(_args(_executor(merger))["--uses-with"]) == {"limit": 10, "shards": 2}  # needs both
 
 
 def test_encoders_are_stateless_deployments_scaled_by_replicas(k8s):
@@ -190,3 +190,72 @@ def test_docker_compose_files(tmp_path):
     assert "simple_indexer" not in {s["image"].split("/")[-1].split(":")[0] for s in search["services"].values()}
     assert any("51000" in str(p) for p in index["services"]["gateway"]["ports"])
     assert any("51001" in str(p) for p in gateway["ports"])
+
+
+def _validate(files):
+    validator = os.path.join(os.path.dirname(sys.executable), "kubernetes-validate")
+    run = subprocess.run([validator, "--strict", *files], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_index_flows_merger_needs_every_shard(k8s):
+    _, manifests, _ = k8s
+    head = manifests[("clipseek-index", "Deployment", "indexer-head")]
+    (merger,) = [c for c in head["spec"]["template"]["spec"]["containers"] if c["name"] == "uses-after"]
+    assert merger["image"] == "registry.local/clipseek/shard_merger:9.9" and _args(merger)["--shards"] == "2"
+
+
+def test_encoders_read_the_model_from_a_claim_mounted_read_only(tmp_path):
+    run = _run(["kubernetes", str(tmp_path), "--shards", "2", "--model-volume", "clip-models",
+                "--model", "clip-vit-base-patch32"])
+    assert run.returncode == 0, run.stderr
+    manifests, files = _manifests(tmp_path)
+    _validate(files)
+    encoders = {(ns, name): doc for (ns, kind, name), doc in manifests.items()
+                if kind == "Deployment" and "encoder" in name}
+    assert sorted(encoders) == [("clipseek-index", "image-encoder"), ("clipseek-search", "image-encoder"),
+                                ("clipseek-search", "text-encoder")]  # both encoders, both flows
+    for doc in encoders.values():
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["volumes"] == [{"name": "model", "persistentVolumeClaim": {"claimName": "clip-models",
+                                                                              "readOnly": True}}]
+        container = _executor(doc)
+        assert container["volumeMounts"] == [{"name": "model", "mountPath": "/models", "readOnly": True}]
+        uses_with = json.loads(_args(container)["--uses-with"])
+        assert uses_with["pretrained_model_name_or_path"] == "/models/clip-vit-base-patch32"
+    for (ns, kind, name), doc in manifests.items():  # nothing else mounts it, and no claim is made for it
+        if kind in WORKLOADS and "encoder" not in name:
+            assert "model" not in {v["name"] for v in doc["spec"]["template"]["spec"].get("volumes", [])}, name
+        assert kind != "PersistentVolumeClaim"
+    # a folder inside the image, as before: no volume
+    baked = _run(["kubernetes", str(tmp_path / "baked"), "--model", "/app/data/models/clipseek-demo"])
+    assert baked.returncode == 0, baked.stderr
+    manifests, _ = _manifests(tmp_path / "baked")
+    for (ns, kind, name), doc in manifests.items():
+        if kind == "Deployment" and "encoder" in name:
+            assert "volumes" not in doc["spec"]["template"]["spec"]
+            assert json.loads(_args(_executor(doc))["--uses-with"])["pretrained_model_name_or_path"] == \
+                "/app/data/models/clipseek-demo"
+    for bad, why in ((["--model-volume", "Clip_Models"], "PersistentVolumeClaim"),
+                     (["--model-volume", "clip", "--model", "../x"], "folder inside the volume")):
+        refused = _run(["kubernetes", str(tmp_path / "bad"), *bad])
+        assert refused.returncode == 2 and why in refused.stderr, refused.stderr
+
+
+def test_compose_encoders_read_the_model_from_a_volume(tmp_path):
+    for volume, declared in (("clip-models", {"clip-models": {"external": True}}), ("/srv/models", {})):
+        out = tmp_path / volume.strip("/").replace("/", "-")
+        run = _run(["docker-compose", str(out), "--shards", "2", "--model-volume", volume, "--model", "clip"])
+        assert run.returncode == 0, run.stderr
+        for flow, encoders in (("index", ["image-encoder"]), ("search", ["image-encoder", "text-encoder"])):
+            compose = _docs(out / f"docker-compose.{flow}.yml")[0]
+            for name, service in compose["services"].items():
+                command = service["command"]
+                if name in encoders:
+                    assert service["volumes"] == [f"{volume}:/models:ro"], name
+                    uses_with = json.loads(command[command.index("--uses-with") + 1])
+                    assert uses_with["pretrained_model_name_or_path"] == "/models/clip"
+                else:
+                    assert f"{volume}:/models:ro" not in service.get("volumes", []), name
+            named = {k: v for k, v in (compose.get("volumes") or {}).items() if not k.endswith("-workspace")}
+            assert named == declared  # a named volume made beforehand (docker volume create), never a new one
