@@ -1,13 +1,16 @@
 """Shared helpers for the benchmarks: synthetic photos, a ViT-B/32-sized CLIP with random weights,
-timing and table printing. Nothing here is imported by the executors or by the tests."""
+timing, and the tables a run prints, written as markdown to ``benchmarks/results/<script>.md``
+(``Results``). Nothing here is imported by the executors; the tests import only the table writer."""
 
 from __future__ import annotations
 
 import os
+import platform
+import shlex
 import sys
 import math
 import time
-from typing import List, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -82,6 +85,119 @@ def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     out = [line(cells[0]), "| " + " | ".join("-" * w for w in widths) + " |"]
     out += [line(r) for r in cells[1:]]
     return "\n".join(out)
+
+
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+
+
+def cpu_kind() -> str:
+    """torch's CPU capability and whether the CPU runs bfloat16 and int8 dot products natively,
+    e.g. ``AVX512, avx512_bf16 yes, vnni yes``; ``unknown (no torch)`` without torch."""
+    try:
+        import torch
+    except ImportError:
+        return "unknown (no torch)"
+    flags = []
+    for label, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("vnni", "_is_vnni_supported")):
+        check = getattr(torch.cpu, probe, None)
+        flags.append(f"{label} {'?' if check is None else 'yes' if check() else 'no'}")
+    return ", ".join([str(torch.backends.cpu.get_cpu_capability()), *flags])
+
+
+def machine() -> str:
+    """CPU model, CPUs this process may use, RAM: ``AMD EPYC, 2 CPUs, 23.5 GiB RAM``."""
+    model = platform.processor() or platform.machine()
+    ram = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+        with open("/proc/meminfo") as f:
+            ram = next(int(line.split()[1]) for line in f if line.startswith("MemTotal")) / 2**20
+    except (OSError, StopIteration):
+        pass
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cpus} CPUs" + (f", {ram:.1f} GiB RAM" if ram else "")
+
+
+def command_line(argv: Optional[Sequence[str]] = None) -> str:
+    """The command as typed (script path relative to the project), with the CLIPSEEK_* / *_NUM_THREADS
+    environment it ran under in front."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and os.path.isabs(argv[0]) and argv[0].startswith(ROOT + os.sep):
+        argv[0] = os.path.relpath(argv[0], ROOT)
+    env = [f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith("CLIPSEEK_") or k.endswith("_NUM_THREADS")]
+    return shlex.join([*env, "python", *argv])
+
+
+class Results:
+    """What a benchmark prints, as markdown, also written to ``benchmarks/results/<script>.md``.
+
+    The file starts with one header line (when the run started and ended, UTC; the CPU kind; the machine;
+    torch; the command and every option it ran with), then each ``table`` (its caption, the table, an
+    optional note) and ``note`` in the order the run printed them. ``benchmarks/update_docs.py`` splices
+    the file into the docs between ``<!-- results:<script> -->`` and ``<!-- /results -->``."""
+
+    def __init__(self, script: str, options: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[str]] = None,
+                 folder: Optional[str] = None, echo: bool = True):
+        self.name = os.path.splitext(os.path.basename(script))[0]
+        self.options = {k: v for k, v in (options or {}).items()}
+        self.command = command_line(argv)
+        self.folder = folder or RESULTS_DIR
+        self.echo = echo
+        self.started = time.gmtime()
+        self.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        self.blocks: List[str] = []
+
+    def _say(self, text: str) -> None:
+        if self.echo:
+            print(text, flush=True)
+
+    def table(self, caption: str, headers: Sequence[str], rows: Sequence[Sequence], note: str = "") -> str:
+        """Print the caption, the table and the note, and keep them for the results file; the table's markdown."""
+        text = table(headers, rows)
+        block = "\n\n".join(part for part in (caption.strip(), text, note.strip()) if part)
+        self._say("\n" + block)
+        self.blocks.append(block)
+        return text
+
+    def note(self, text: str) -> None:
+        """A paragraph of the results (printed and kept)."""
+        self._say("\n" + text.strip())
+        self.blocks.append(text.strip())
+
+    def header(self, ended: Optional[time.struct_time] = None) -> str:
+        ended = ended or time.gmtime()
+        start = time.strftime("%Y-%m-%d %H:%M", self.started)
+        end = time.strftime("%H:%M" if ended[:3] == self.started[:3] else "%Y-%m-%d %H:%M", ended)
+        try:
+            import torch
+
+            versions = f"torch {torch.__version__}, numpy {np.__version__}"
+        except ImportError:
+            versions = f"numpy {np.__version__}"
+        options = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        return (f"Run {start}-{end} UTC; CPU {cpu_kind()}; {machine()}; {versions}; load average {self.load:.2f} at the "
+                f"start, {load:.2f} at the end; `{self.command}`" + (f" (options: {options})" if options else ""))
+
+    def markdown(self) -> str:
+        return "\n\n".join([self.header(), *self.blocks]) + "\n"
+
+    def write(self) -> str:
+        """Write ``<folder>/<script>.md`` (replaced whole, atomically); its path."""
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, f"{self.name}.md")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.markdown())
+        os.replace(tmp, path)
+        self._say(f"\n(written to {os.path.relpath(path, ROOT)})")
+        return path
+
+
+def options_of(args, hide: Sequence[str] = ()) -> Dict[str, Any]:
+    """The parsed options of a run (argparse namespace), without ``hide`` (the ones only its child processes use)."""
+    return {k: v for k, v in vars(args).items() if k not in hide}
 
 
 def timed(fn, *args, repeat: int = 1, **kwargs):

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from common import image_rate, make_photos, table  # noqa: E402  (sets sys.path and offline env)
+from common import Results, image_rate, make_photos, options_of  # noqa: E402  (sets sys.path and offline env)
 from clipseek.demo.modelkit import make_vit_b32  # noqa: E402
 from flows.settings import DEFAULT_REQUEST_SIZE  # noqa: E402
 
@@ -288,6 +288,8 @@ def main():
     from executors.models.precision import cpu_capabilities
     from executors.params import usable_cpus
 
+    report = Results(__file__, options_of(args, hide=("dtype", "raw_child", "encoder_child", "loop_child", "processor_child",
+                                                      "photo_list")))
     t0 = time.perf_counter()
     photos = make_photos(os.path.join(args.work_dir, "photos"), args.images + args.batch_size, seed=0)
     warm, photos = photos[: args.batch_size], photos[args.batch_size :]
@@ -317,9 +319,6 @@ def main():
         print(f"{dtype}: (a) {raw:.2f}, (r) serial {loop['serial']:.2f} / threaded {loop['threaded']:.2f}, "
               f"(c) {alone:.2f}, (b) {flow:.2f} images/s", flush=True)
 
-    print()
-    print(f"Throughput by precision, images/s: {len(photos)} photos, batch {args.batch_size}, {args.request_size} per "
-          f"request, cpu, draft decode; (p) float32 CLIPImageProcessor + model loop = {reference:.2f}")
     rows = []
     for dtype in precisions:
         r = results[dtype]
@@ -328,12 +327,14 @@ def main():
             f"{float((vectors[dtype] * vectors['float32']).sum(axis=1).min()):.5f}"
         rows.append([dtype, f"{r['raw']:.2f}", f"{r['serial']:.2f} / {r['threaded']:.2f}", f"{r['alone']:.2f}",
                      f"{r['flow']:.2f}", f"{r['flow'] / best:.2f}", f"{r['flow'] / reference:.2f}", cos])
-    print(table(["precision", "(a) raw model", "(r) raw loop serial / threaded", "(c) encoder alone", "(b) index flow",
-                 "(b) / best (r)", "(b) / (p)", "min cosine to float32"], rows))
+    report.table(f"Throughput by precision, images/s: {len(photos)} photos ({mb / len(photos):.2f} MiB of JPEG each on "
+                 f"average), batch {args.batch_size}, {args.request_size} per request, cpu, torch "
+                 f"{torch.get_num_threads()} threads, draft decode; (p) float32 CLIPImageProcessor + model loop = "
+                 f"**{reference:.2f}** images/s",
+                 ["precision", "(a) raw model", "(r) raw loop serial / threaded", "(c) encoder alone", "(b) index flow",
+                  "(b) / best (r)", "(b) / (p)", "min cosine to float32"], rows)
 
-    print()
     split_paths = photos[: args.split_images]
-    print(f"Where each second goes: ms per image, stages one after the other on {len(split_paths)} photos (draft decode)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in precisions:
@@ -343,16 +344,17 @@ def main():
             rows.append([dtype] + [f"{1000 * s[k]:.1f} ({100 * s[k] / total:.0f}%)" for k in ("read", "decode", "preprocess", "model", "write")]
                         + [f"{1000 * total:.1f}"])
             del clip
-    print(table(["precision", "read", "decode", "preprocess", "model", "write", "total"], rows))
+    report.table(f"Where each second goes: ms per image, stages one after the other on {len(split_paths)} photos "
+                 f"(draft decode)", ["precision", "read", "decode", "preprocess", "model", "write", "total"], rows)
 
-    print()
     clip = load_clip(model_dir, "cpu", "float32")
     cosines = {f: draft_cosines(clip, split_paths, f) for f in (1, 2)}
     between = photo_to_photo_cosine(clip, split_paths)
-    print(f"What draft decoding costs: embeddings of the same {len(split_paths)} photos, draft vs full decode "
-          f"(for scale: two different photos score {between:.4f} on average with this random-weight model)")
     rows = [[f"draft, short side >= {f}x the resize target", f"{c[0]:.6f}", f"{1 - c[1]:.1e}", f"{c[2]:.4f}"] for f, c in cosines.items()]
-    print(table(["decode", "mean cosine to full decode", "worst 1 - cosine", "mean abs pixel diff (normalized units)"], rows))
+    report.table(f"What draft decoding costs: embeddings of the same {len(split_paths)} photos, draft vs full decode "
+                 f"(for scale: two different photos score {between:.4f} on average with this random-weight model)",
+                 ["decode", "mean cosine to full decode", "worst 1 - cosine", "mean abs pixel diff (normalized units)"], rows)
+    report.write()
 
 
 if __name__ == "__main__":

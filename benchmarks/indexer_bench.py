@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from common import ROOT, percentiles, table  # noqa: E402  (sets sys.path and offline env)
+from common import ROOT, Results, options_of, percentiles  # noqa: E402  (sets sys.path and offline env)
 
 SMAPS_FIELDS = ("Rss", "Pss", "Shared_Clean", "Private_Clean", "Private_Dirty", "Anonymous")
 
@@ -120,6 +120,7 @@ def main():
 
     import faiss
 
+    printed = Results(__file__, options_of(args, hide=("child",)))
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     print(f"{os.cpu_count()} CPUs, numpy {np.__version__}, {args.rows:,} x {args.dim} random unit vectors, "
           f"upserts of {args.insert_batch:,}, top-{args.limit}, {args.queries} queries per cell", flush=True)
@@ -158,9 +159,6 @@ def main():
         faiss_ids = [[f"v{i}" for i in row] for row in index.search(qs, args.limit)[1]]
         del index
 
-    print()
-    print(f"Bulk insert and exact top-{args.limit} scan, {args.rows:,} x {args.dim} (p50 / p99 ms per query; faiss IndexFlatIP "
-          f"on the same vectors: {faiss_p50:.1f} / {faiss_p99:.1f} ms)")
     rows = []
     for dtype, r in results.items():
         recall = np.mean([len(set(a) & set(b)) / args.limit for a, b in zip(r["answers"], faiss_ids)])
@@ -169,22 +167,28 @@ def main():
             chunk = {"0": "default"}.get(chunk, chunk)
             rows.append([dtype, f"{r['file_mib']:.0f}", f"{r['insert_rate']:,.0f}", scan, chunk, f"{p50:.1f} / {p99:.1f}",
                          f"{p50 / faiss_p50:.2f}", f"{recall:.4f}"])
-    print(table(["storage", "vectors file MiB", "insert rows/s", "scan", "chunk rows", "search ms", "/ faiss", "recall@10 vs float32 exact"], rows))
+    printed.table(f"Bulk insert and exact top-{args.limit} scan, {args.rows:,} x {args.dim}, upserts of {args.insert_batch:,} "
+                 f"rows (p50 / p99 ms per query, {args.queries} queries; faiss IndexFlatIP on the same vectors: "
+                 f"{faiss_p50:.1f} / {faiss_p99:.1f} ms)",
+                 ["storage", "vectors file MiB", "insert rows/s", "scan", "chunk rows", "search ms", "/ faiss",
+                  "recall@10 vs float32 exact"], rows)
 
-    print()
-    print("Memory of a fresh process searching the store (kB from /proc/self/smaps_rollup)")
     rows = []
     for dtype, r in results.items():
         for stage in ("after_open", "after_search"):
             rows.append([dtype, stage.replace("_", " "), *(f"{r[stage][k]:,}" for k in SMAPS_FIELDS)])
         grown = {k: r["after_search"][k] - r["after_open"][k] for k in SMAPS_FIELDS}
         rows.append([dtype, "grown while searching", *(f"{grown[k]:+,}" for k in SMAPS_FIELDS)])
-    print(table(["storage", "when", *SMAPS_FIELDS], rows))
+    notes = []
     for dtype, r in results.items():
         grown_anon = (r["after_search"]["Anonymous"] - r["after_open"]["Anonymous"]) / 1024
-        print(f"{dtype}: the map covers {r['view_mib']:.0f} MiB (np.memmap: {r['view_is_memmap']}); anonymous memory grew "
-              f"{grown_anon:.1f} MiB while searching. Rss/Private_Clean grow by the file pages the scan touched: page "
-              f"cache mapped by this process only, counted as 'private clean', not a copy, dropped by the kernel under pressure.")
+        notes.append(f"{dtype}: the map covers {r['view_mib']:.0f} MiB (np.memmap: {r['view_is_memmap']}); anonymous "
+                     f"memory grew {grown_anon:.1f} MiB while searching.")
+    notes.append("Rss / Private_Clean grow by the file pages the scan touched: page cache mapped by this process only, "
+                 "counted as 'private clean', not a copy, dropped by the kernel under pressure.")
+    printed.table("Memory of a fresh process searching the store (kB from /proc/self/smaps_rollup)",
+                 ["storage", "when", *SMAPS_FIELDS], rows, note=" ".join(notes))
+    printed.write()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from common import image_rate, table  # noqa: E402  (sets sys.path and offline env)
+from common import Results, image_rate, options_of  # noqa: E402  (sets sys.path and offline env)
 from clipseek.demo.modelkit import BOS, EOS, make_vit_b32, train_tokenizer  # noqa: E402
 
 QUERY = "a photo of a dog running on the beach at sunset"
@@ -84,17 +84,20 @@ def main():
 
     import torch
 
+    report = Results(__file__, options_of(args))
     families = [("CLIP ViT-B/32", make_vit_b32(os.path.join(args.work_dir, "vit-b32-random"))),
                 ("SigLIP base p16-224", make_siglip_base(os.path.join(args.work_dir, "siglip-base-p16-224-random")))]
     rows = []
     for label, folder in families:
         for name in [p.strip() for p in args.precisions.split(",") if p.strip()]:
             clip = load_clip(folder, "cpu", name, with_tokenizer=True)
-            rows.append([label, clip.precision, clip.text_padding, image_rate(clip, args.batch_size, args.images),
-                         query_ms(clip, args.queries)])
+            rows.append([label, clip.precision, clip.text_padding, f"{image_rate(clip, args.batch_size, args.images):.2f}",
+                         f"{query_ms(clip, args.queries):.2f}"])
             print(f"  {label} {clip.precision}: done", flush=True)
-    print(f"\ncpu, {torch.get_num_threads()} torch threads, batch {args.batch_size}\n")
-    print(table(["model", "precision", "text padding", "images/s", "text query ms (p50)"], rows))
+    report.table(f"Image tower and one text query by model family: cpu, {torch.get_num_threads()} torch threads, "
+                 f"batch {args.batch_size}, {args.images} images per timing, {args.queries} queries",
+                 ["model", "precision", "text padding", "images/s", "text query ms (p50)"], rows)
+    report.write()
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ IndexFlatIP on the same vectors, all in one run.
     python benchmarks/search_latency.py               # 10k, 100k, 1M (needs ~7 GiB RAM, a few minutes)
     python benchmarks/search_latency.py --skip-1m     # 10k and 100k only
     python benchmarks/search_latency.py --sizes 10000,250000 --queries 200
-    python benchmarks/search_latency.py --precisions float32,bfloat16,int8 --sizes 10000   # precisions side by side
+    python benchmarks/search_latency.py --precisions float32,bfloat16,int8,auto --sizes 10000   # side by side
 
 With ``--precisions`` the run first serves the flows once per precision at the smallest size and prints
 each one's served query, its text encoder alone, and the cosine of its query embeddings to float32's.
+A named precision runs the text tower on torch; ``auto`` runs it as the server's default does (on a CPU
+with onnxruntime installed: ONNX Runtime float32), so its row compares that with torch float32 alone.
 
 The vectors are random unit vectors written straight into the search flow's VectorStore folder
 under the model name the text encoder reports, so the flow searches them as a real index.
@@ -23,7 +25,7 @@ import time
 
 import numpy as np
 
-from common import percentiles, table  # noqa: E402  (sets sys.path and offline env)
+from common import Results, options_of, percentiles, table  # noqa: E402  (sets sys.path and offline env)
 from clipseek.demo.modelkit import make_vit_b32  # noqa: E402
 
 WORDS = ("red green blue yellow black white small big cat dog car tree house beach sunset sky sea mountain city "
@@ -65,7 +67,8 @@ def text_child(model_dir: str, queries: int, dtype: str = "float32") -> None:
     vectors = [text_embeddings(clip, [t])[0].tolist() for t in texts]
     import torch
 
-    print(json.dumps({"p50": p50, "p99": p99, "vectors": vectors, "threads": torch.get_num_threads()}))
+    print(json.dumps({"p50": p50, "p99": p99, "vectors": vectors, "threads": torch.get_num_threads(),
+                      "runtime": "onnxruntime" if clip.text_tower is not None else "torch", "precision": clip.precision}))
 
 
 def encode_texts(model_dir: str, queries: int, dtype: str = "float32"):
@@ -85,7 +88,7 @@ def numpy_top_k(data: np.ndarray, q: np.ndarray, k: int = 10):
     return part[np.argsort(-scores[part])]
 
 
-def precision_table(model_dir: str, name: str, precisions, size: int, texts, reference, args) -> None:
+def precision_table(model_dir: str, name: str, precisions, size: int, texts, reference, args, report: Results) -> None:
     """One served search flow per precision over the same ``size`` vectors: the query through the client,
     the text encoder alone in that precision, and how close its query embeddings are to float32's."""
     from clipseek.client import ClipseekClient
@@ -112,15 +115,13 @@ def precision_table(model_dir: str, name: str, precisions, size: int, texts, ref
                 finally:
                     writer.close()
                 flow = latencies(lambda t: client.search(t, limit=args.limit), texts)
-        rows.append([dtype, f"{flow[0]:.2f} / {flow[1]:.2f}", f"{encoded['p50']:.2f} / {encoded['p99']:.2f}",
+        label = dtype if dtype != "auto" else f"auto: {encoded['runtime']} {encoded['precision']}"
+        rows.append([label, f"{flow[0]:.2f} / {flow[1]:.2f}", f"{encoded['p50']:.2f} / {encoded['p99']:.2f}",
                      f"{flow[0] / encoded['p50']:.2f}", f"{flow[0] / f32_text:.2f}", f"{f32_text / encoded['p50']:.2f}",
                      f"{cosines.min():.5f}"])
         print(table(HEADERS, rows[-1:]), flush=True)
-    print()
-    print(f"One text query by precision, {size:,} vectors, top-{args.limit}, p50 / p99 ms ({args.queries} queries; "
-          f"float32 text encoder alone p50 {f32_text:.2f} ms)")
-    print(table(HEADERS, rows))
-    print()
+    report.table(f"One text query by precision, {size:,} vectors, top-{args.limit}, p50 / p99 ms ({args.queries} queries; "
+                 f"float32 text encoder alone p50 {f32_text:.2f} ms)", HEADERS, rows)
 
 
 HEADERS = ["precision", "served query (client, gRPC, flow)", "text encoder alone", "served / its encoder",
@@ -148,6 +149,7 @@ def main():
 
     import faiss
 
+    report = Results(__file__, options_of(args, hide=("text_child",)))
     from executors.models.loading import model_id
     from executors.store.vector_store import Record, VectorStore
     from clipseek.client import ClipseekClient
@@ -166,7 +168,7 @@ def main():
 
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     if precisions:
-        precision_table(model_dir, name, precisions, sizes[0], texts, qvec, args)
+        precision_table(model_dir, name, precisions, sizes[0], texts, qvec, args, report)
 
     rng = np.random.default_rng(0)
     rows = []
@@ -220,10 +222,11 @@ def main():
             finally:
                 writer.close()
 
-    print()
-    print(f"p50 / p99 latency in ms of one query, top-{args.limit}, {dim}-d float32 ({args.queries} queries per cell)")
-    print(table(["vectors", "gRPC search flow", "text encoder alone", "VectorStore.search", "numpy brute force",
-                 "faiss IndexFlatIP", "flow / text enc.", "flow / (text enc. + store)", "store / faiss"], rows))
+    report.table(f"p50 / p99 latency in ms of one query, top-{args.limit}, {dim}-d float32 vectors ({args.queries} queries "
+                 f"per cell; the flow and the text encoder in dtype {args.dtype}, torch {encoded['threads']} threads)",
+                 ["vectors", "gRPC search flow", "text encoder alone", "VectorStore.search", "numpy brute force",
+                  "faiss IndexFlatIP", "flow / text enc.", "flow / (text enc. + store)", "store / faiss"], rows)
+    report.write()
 
 
 if __name__ == "__main__":
