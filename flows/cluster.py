@@ -55,11 +55,14 @@ def _refused(request: Any) -> Optional[str]:
     return endpoint if endpoint in WRITE_ENDPOINTS else None
 
 
-class _RefuseWrites(grpc.aio.ServerInterceptor):
-    """Ends any call that carries a write endpoint with PERMISSION_DENIED, before the gateway routes it.
+class _RequestCheck(grpc.aio.ServerInterceptor):
+    """Runs ``check`` on every request of a call before the gateway routes it; a request it answers with
+    (status code, message) ends the call with that status. A stream is cut at that request: the requests
+    before it are answered, then the call ends with the status; that request and what follows reach no
+    executor."""
 
-    A stream is cut at its first write: the requests before it are answered, then the call ends with
-    the refusal; the write and what follows it reach no executor."""
+    async def check(self, request: Any) -> Optional[Tuple[Any, str]]:
+        raise NotImplementedError
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -67,13 +70,14 @@ class _RefuseWrites(grpc.aio.ServerInterceptor):
             return None
         common = dict(request_deserializer=handler.request_deserializer,
                       response_serializer=handler.response_serializer)
+        check = self.check
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
 
             async def unary(request, context):
-                endpoint = _refused(request)
-                if endpoint:
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal(endpoint))
+                stop = await check(request)
+                if stop:
+                    await context.abort(*stop)
                 return await inner_unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, **common)
@@ -81,9 +85,9 @@ class _RefuseWrites(grpc.aio.ServerInterceptor):
             inner_unary_stream = handler.unary_stream
 
             async def unary_stream(request, context):
-                endpoint = _refused(request)
-                if endpoint:
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal(endpoint))
+                stop = await check(request)
+                if stop:
+                    await context.abort(*stop)
                 async for response in inner_unary_stream(request, context):
                     yield response
 
@@ -92,23 +96,31 @@ class _RefuseWrites(grpc.aio.ServerInterceptor):
             inner_stream = handler.stream_stream
 
             async def stream(request_iterator, context):
-                refused: List[str] = []
+                stops: List[Tuple[Any, str]] = []
 
-                async def until_a_write():
+                async def until_stopped():
                     async for request in request_iterator:
-                        endpoint = _refused(request)
-                        if endpoint:
-                            refused.append(endpoint)
+                        stop = await check(request)
+                        if stop:
+                            stops.append(stop)
                             return  # the gateway sees the stream end; aborting here would leave it hanging
                         yield request
 
-                async for response in inner_stream(until_a_write(), context):
+                async for response in inner_stream(until_stopped(), context):
                     yield response
-                if refused:
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal(refused[0]))
+                if stops:
+                    await context.abort(*stops[0])
 
             return grpc.stream_stream_rpc_method_handler(stream, **common)
         return handler
+
+
+class _RefuseWrites(_RequestCheck):
+    """Ends any call that carries a write endpoint with PERMISSION_DENIED, before the gateway routes it."""
+
+    async def check(self, request: Any) -> Optional[Tuple[Any, str]]:
+        endpoint = _refused(request)
+        return (grpc.StatusCode.PERMISSION_DENIED, refusal(endpoint)) if endpoint else None
 
 
 def feedback_ids(request: Any) -> List[str]:
@@ -127,7 +139,7 @@ def feedback_ids(request: Any) -> List[str]:
     return ids
 
 
-class _FeedbackVectors(grpc.aio.ServerInterceptor):
+class _FeedbackVectors(_RequestCheck):
     """Gives a ``/search`` that names liked or disliked ids the stored vectors of those ids, fetched first through
     the same flow (``/vectors``, which every shard answers and the ShardMerger merges), as the parameter
     ``FEEDBACK_VECTORS``: so every shard builds its query vector from all of them, wherever they are kept.
@@ -169,43 +181,9 @@ class _FeedbackVectors(grpc.aio.ServerInterceptor):
         request.parameters = parameters
         return None
 
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        common = dict(request_deserializer=handler.request_deserializer,
-                      response_serializer=handler.response_serializer)
-        if handler.unary_unary is not None:
-            inner_unary = handler.unary_unary
-
-            async def unary(request, context):
-                failure = await self._add_vectors(request)
-                if failure:
-                    await context.abort(grpc.StatusCode.INTERNAL, failure)
-                return await inner_unary(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(unary, **common)
-        if handler.stream_stream is not None:
-            inner_stream = handler.stream_stream
-
-            async def stream(request_iterator, context):
-                failures: List[str] = []
-
-                async def with_vectors():
-                    async for request in request_iterator:
-                        failure = await self._add_vectors(request)
-                        if failure:
-                            failures.append(failure)
-                            return  # the requests before it are answered, then the call ends with the failure
-                        yield request
-
-                async for response in inner_stream(with_vectors(), context):
-                    yield response
-                if failures:
-                    await context.abort(grpc.StatusCode.INTERNAL, failures[0])
-
-            return grpc.stream_stream_rpc_method_handler(stream, **common)
-        return handler
+    async def check(self, request: Any) -> Optional[Tuple[Any, str]]:
+        failure = await self._add_vectors(request)
+        return (grpc.StatusCode.INTERNAL, failure) if failure else None
 
 
 SHARD_DOWN = re.compile(r"Communication error with deployment (indexer_(\d+)) at")
