@@ -25,8 +25,9 @@ from executors.params import as_bool, as_flag, as_float, as_text, at_most_defaul
 logger = logging.getLogger(__name__)
 
 # What a request's parameters may set; the model, device, precision and every read limit are fixed at start.
+VIDEO_SPACING = as_float(0.5, 3600.0)  # seconds between moments a server or a request may ask for
 REQUEST_OPTIONS = {"batch_size": at_most_default(), "access_paths": as_text(200), "draft_decode": as_bool,
-                   "keep_pixels": as_bool, "video_spacing": as_float(0.5, 3600.0), "max_moments": at_most_default()}
+                   "keep_pixels": as_bool, "video_spacing": VIDEO_SPACING, "max_moments": at_most_default()}
 
 # With draft decoding a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale whose short side is
 # still at least DRAFT_FACTOR times the model's resize target, so the bicubic resize that follows
@@ -82,12 +83,16 @@ def prepare(doc: ImageInput, recipe: Preprocess, *, url_timeout: float, max_byte
         info.facts = getattr(img, "photo_facts", None)
     t2 = time.perf_counter()
     pixels = preprocess(img, recipe)
+    _add_timings(timings, t0, t1, t2)
+    return pixels, width, height, info, None
+
+
+def _add_timings(timings: Optional[Dict[str, float]], t0: float, t1: float, t2: float) -> None:
+    """Add to ``timings`` the seconds spent reading (t0 to t1), decoding (t1 to t2) and preprocessing (since t2)."""
     if timings is not None:
         t3 = time.perf_counter()
-        timings["read"] = timings.get("read", 0.0) + (t1 - t0)
-        timings["decode"] = timings.get("decode", 0.0) + (t2 - t1)
-        timings["preprocess"] = timings.get("preprocess", 0.0) + (t3 - t2)
-    return pixels, width, height, info, None
+        for stage, seconds in (("read", t1 - t0), ("decode", t2 - t1), ("preprocess", t3 - t2)):
+            timings[stage] = timings.get(stage, 0.0) + seconds
 
 
 def _prepare_video(info: SourceInfo, name: str, recipe: Preprocess, video: Optional[VideoOptions], t0: float,
@@ -101,10 +106,7 @@ def _prepare_video(info: SourceInfo, name: str, recipe: Preprocess, video: Optio
     info.data = b""  # the moments are decoded: the file's bytes need not wait for the model
     t2 = time.perf_counter()
     pixels = np.stack([preprocess(m.image, recipe) for m in found.moments])
-    if timings is not None:
-        timings["read"] = timings.get("read", 0.0) + (t1 - t0)
-        timings["decode"] = timings.get("decode", 0.0) + (t2 - t1)
-        timings["preprocess"] = timings.get("preprocess", 0.0) + (time.perf_counter() - t2)
+    _add_timings(timings, t0, t1, t2)
     return pixels, found.width, found.height, info, [m.t for m in found.moments]
 
 
@@ -170,7 +172,7 @@ class CLIPImageEncoder(Executor):
             max_download_bytes=int(max_download_bytes),
             keep_pixels=bool(keep_pixels),
             max_megapixels=max_megapixels,
-            video_spacing=as_float(0.5, 3600.0)(video_spacing, None),
+            video_spacing=VIDEO_SPACING(video_spacing, None),
             max_moments=check_positive_int("max_moments", max_moments),
         )
         self.max_video_bytes = int(max_video_bytes)

@@ -549,9 +549,9 @@ class VectorStore:
         missing = [i for i in ids if i not in out]
         for marks, part in _in_chunks(missing):
             for row in self._db.execute(f"SELECT id, {', '.join(META_COLUMNS)} FROM rows WHERE source IN ({marks}) "
-                                        f"ORDER BY t DESC", part):
+                                        f"ORDER BY t", part):
                 record = _record(row)
-                out[record.source] = record  # the earliest moment wins (last written)
+                out.setdefault(record.source, record)  # the earliest moment
         return out
 
     def vectors(self, ids: Sequence[str]) -> Dict[str, np.ndarray]:
