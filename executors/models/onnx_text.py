@@ -8,6 +8,13 @@ dynamic batch and length), checked against that model on a sample text, and cach
 ``cache_folder()`` under a key of the model's files (their names, sizes and times), the exported inputs,
 torch's and ONNX Runtime's versions: a changed model or a new runtime exports again. A model whose export
 fails or disagrees keeps running on torch (logged); ``CLIPSEEK_TEXT_RUNTIME=torch`` asks for torch always.
+
+A short query is bound by reading the tower's weights (150 MB in float32 for ViT-B/32's text tower), so
+``auto`` also tries an int8 copy of the export (``quantize_int8``: each weight matrix in int8 with one scale
+per output column, activations quantized per call, each text run on its own so its embedding never depends
+on its batch). It is used only where every sample text keeps cosine ``INT8_MIN_COSINE`` to the torch float32
+model and it is measured ``MIN_SPEEDUP`` faster than the float32 export on this machine (the figures are
+recorded per machine like the precision probe's).
 """
 
 from __future__ import annotations
@@ -28,6 +35,12 @@ CACHE_ENV = "CLIPSEEK_ONNX_CACHE"  # the folder of exported models (default ~/.c
 OPSET = 17
 MIN_COSINE = 0.99999  # an export is used only if it gives the torch model's embedding on the sample text
 SAMPLE_TEXT = "a photo of a black cat sitting on a red sofa"
+# The int8 tower is used only if each of these keeps INT8_MIN_COSINE to the torch float32 model's embedding.
+SAMPLE_TEXTS = (SAMPLE_TEXT, "sunset", "two dogs playing in the snow in front of a red wooden house",
+                "a close-up photo of a bowl of fruit on a kitchen table", "a diagram", "a red circle",
+                "people walking down a busy street at night in the rain, seen from above")
+INT8_MIN_COSINE = 0.999
+INT8_FORMAT = 1  # how quantize_int8 writes its file: a new format makes the int8 files again
 
 
 def runtime_wanted() -> str:
@@ -58,7 +71,7 @@ def cache_folder() -> str:
 class OnnxTextTower:
     """``tower(tokens) -> (n, dim) float32`` features (not normalized), from an exported file."""
 
-    def __init__(self, path: str, input_names: Sequence[str], threads: int):
+    def __init__(self, path: str, input_names: Sequence[str], threads: int, per_item: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -67,11 +80,17 @@ class OnnxTextTower:
         options.log_severity_level = 3
         self.path = path
         self.input_names = list(input_names)
+        self.threads = max(1, int(threads))
+        self.per_item = per_item  # each text alone (int8: its activations' scale is its own, never its batch's)
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, tokens: Dict[str, Any]) -> np.ndarray:
         feed = {name: np.ascontiguousarray(_numpy(tokens[name]), dtype=np.int64) for name in self.input_names}
-        return self.session.run(None, feed)[0].astype(np.float32, copy=False)
+        rows = len(next(iter(feed.values())))
+        if not self.per_item or rows <= 1:
+            return self.session.run(None, feed)[0].astype(np.float32, copy=False)
+        return np.concatenate([self.session.run(None, {k: v[i : i + 1] for k, v in feed.items()})[0]
+                               for i in range(rows)]).astype(np.float32, copy=False)
 
 
 def load_or_export(model: Any, name_or_path: str, sample_tokens: Dict[str, Any], threads: int) -> OnnxTextTower:
@@ -154,6 +173,102 @@ def _export(model, sample_tokens, input_names, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def int8_tower(f32: OnnxTextTower, model: Any, samples: Sequence[Dict[str, Any]]):
+    """(the int8 copy of ``f32``'s export, its smallest cosine to the torch float32 ``model`` over ``samples``):
+    quantized from the float32 file (``quantize_int8``) and cached beside it. Raises RuntimeError if it cannot
+    be made or read."""
+    path = f"{f32.path[: -len('.onnx')]}-int8v{INT8_FORMAT}.onnx"
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for attempt in (1, 2):  # a damaged cached file is quantized again, once
+            if not os.path.exists(path):
+                tmp = f"{path}.{os.getpid()}.tmp"
+                try:
+                    quantize_int8(f32.path, tmp)
+                    os.chmod(tmp, 0o600)
+                    os.replace(tmp, path)
+                except Exception as e:  # noqa: BLE001 - onnx's own errors: the caller keeps float32
+                    raise RuntimeError(f"cannot write the int8 text tower: {type(e).__name__}: {str(e)[:200]}") from None
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            try:
+                tower = OnnxTextTower(path, f32.input_names, f32.threads, per_item=True)
+                break
+            except Exception as e:  # noqa: BLE001 - onnxruntime's own errors
+                os.unlink(path)
+                if attempt == 2:
+                    raise RuntimeError(f"ONNX Runtime cannot read the int8 text tower: {str(e).splitlines()[0][:200]}") from None
+                logger.warning("cached int8 text tower %s is unreadable (%s); quantizing it again", path, str(e)[:200])
+    finally:
+        os.close(lock)
+    return tower, min(_agreement(model, tower, sample) for sample in samples)
+
+
+def quantize_int8(src: str, dst: str) -> int:
+    """``src`` (an exported float32 text tower) written to ``dst`` with every MatMul by a constant 2-D weight
+    as ONNX Runtime's DynamicQuantizeMatMul: the weight in int8, symmetric, one scale per output column; the
+    activations quantized to uint8 at each call. Returns how many MatMuls it changed."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(src)
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    nodes, replaced, changed = [], set(), 0
+    for node in graph.node:
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        w = numpy_helper.to_array(weight) if weight is not None else None
+        if w is None or w.ndim != 2 or w.dtype != np.float32:
+            nodes.append(node)
+            continue
+        scale = np.abs(w).max(axis=0) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = numpy_helper.from_array(np.clip(np.rint(w / scale), -127, 127).astype(np.int8), f"{weight.name}_int8")
+        s = numpy_helper.from_array(scale, f"{weight.name}_scale")
+        graph.initializer.extend([q, s])
+        replaced.add(weight.name)
+        nodes.append(helper.make_node("DynamicQuantizeMatMul", [node.input[0], q.name, s.name], list(node.output),
+                                      name=f"{node.name or weight.name}_int8", domain="com.microsoft"))
+        changed += 1
+    if not changed:
+        raise RuntimeError("the export has no MatMul by a weight matrix to quantize")
+    still_used = {name for node in nodes for name in node.input}
+    kept = [init for init in graph.initializer if init.name not in replaced or init.name in still_used]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, dst)
+    return changed
+
+
+def int8_speedup(f32: OnnxTextTower, int8: OnnxTextTower, sample: Dict[str, Any], repeat: int = 9) -> float:
+    """float32 export's time / int8 tower's time on one sample query, best of ``repeat`` each, interleaved;
+    measured once per machine, model and threads and recorded like the precision probe's figures."""
+    import time
+
+    from executors.models import precision
+
+    def measure() -> Dict[str, float]:
+        best = {"float32": float("inf"), "int8": float("inf")}
+        towers = {"float32": f32, "int8": int8}
+        for tower in towers.values():
+            tower(sample)  # the first call sets up kernels
+        for _ in range(repeat):
+            for name, tower in towers.items():
+                t0 = time.perf_counter()
+                tower(sample)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        return {"int8": best["float32"] / max(best["int8"], 1e-9)}
+
+    key = ("onnxruntime text tower", os.path.basename(int8.path), f"{f32.threads} threads")
+    return float(precision.recorded(key, measure)["int8"])
 
 
 def _agreement(model, tower: OnnxTextTower, sample_tokens) -> float:

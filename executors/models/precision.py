@@ -115,7 +115,7 @@ def speedups(tower: str = "image", repeat: int = 7) -> Dict[str, float]:
     key = (tower, width, batch, tokens)
     with _probe_lock:
         if key not in _speedups:
-            _speedups[key] = _recorded(key, lambda: _measure(width, batch, tokens, AUTO_CANDIDATES[tower], repeat))
+            _speedups[key] = recorded(key, lambda: _measure(width, batch, tokens, AUTO_CANDIDATES[tower], repeat))
         return dict(_speedups[key])
 
 
@@ -134,7 +134,7 @@ def _machine_key(key: tuple) -> str:
                               f"{torch.get_num_threads()} threads")))
 
 
-def _recorded(key: tuple, measure) -> Dict[str, float]:
+def recorded(key: tuple, measure) -> Dict[str, float]:
     """The figures recorded for ``key`` on this machine, else ``measure()`` recorded there; a file that cannot be
     read or written only costs the record (the figures are measured and used)."""
     path = probe_file()

@@ -25,21 +25,98 @@ def own_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
-def test_auto_runs_texts_on_onnx_runtime_with_the_float32_models_embeddings(family, tiny_model, siglip_model):  # noqa: F811
+def test_onnx_runtime_float32_gives_the_float32_models_embeddings(family, tiny_model, siglip_model, monkeypatch):  # noqa: F811
     model = {"clip": tiny_model, "siglip": siglip_model}[family]
-    auto = load_clip(model, "cpu", None, with_tokenizer=True)
-    assert auto.text_tower is not None and auto.precision == "float32"
+    monkeypatch.setenv(onnx_text.RUNTIME_ENV, "onnxruntime")
+    ort32 = load_clip(model, "cpu", "float32", with_tokenizer=True)
+    assert ort32.text_tower is not None and ort32.precision == "float32"
+    monkeypatch.delenv(onnx_text.RUNTIME_ENV)
     torch32 = load_clip(model, "cpu", "float32", with_tokenizer=True)
     assert torch32.text_tower is None
-    got, want = text_embeddings(auto, TEXTS), text_embeddings(torch32, TEXTS)
+    got, want = text_embeddings(ort32, TEXTS), text_embeddings(torch32, TEXTS)
     assert got.shape == want.shape and (got * want).sum(axis=1).min() >= 0.99999
-    alone = np.stack([text_embeddings(auto, [t])[0] for t in TEXTS])
+    alone = np.stack([text_embeddings(ort32, [t])[0] for t in TEXTS])
     assert np.abs(alone - got).max() < 1e-5  # the same alone as in a batch of other lengths
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_auto_runs_texts_on_onnx_runtime_in_what_it_measured_keeping_the_embeddings(family, tiny_model, siglip_model):  # noqa: F811
+    model = {"clip": tiny_model, "siglip": siglip_model}[family]
+    auto = load_clip(model, "cpu", None, with_tokenizer=True)
+    assert auto.text_tower is not None and auto.precision in ("float32", "int8")
+    want = text_embeddings(load_clip(model, "cpu", "float32", with_tokenizer=True), TEXTS)
+    got = text_embeddings(auto, TEXTS)
+    assert (got * want).sum(axis=1).min() >= onnx_text.INT8_MIN_COSINE
+    alone = np.stack([text_embeddings(auto, [t])[0] for t in TEXTS])
+    assert np.abs(alone - got).max() < 1e-6
+
+
+# texts of one token length run as one batch (no padding): only running each alone keeps an int8 tower's
+# activation scale a text's own
+SAME_LENGTH = ["a red circle", "a blue square", "a green circle", "a yellow square"]
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_the_int8_tower_keeps_the_embeddings_and_each_text_its_own(family, tiny_model, siglip_model, monkeypatch):  # noqa: F811
+    model = {"clip": tiny_model, "siglip": siglip_model}[family]
+    monkeypatch.setenv(onnx_text.RUNTIME_ENV, "onnxruntime")
+    int8 = load_clip(model, "cpu", "int8", with_tokenizer=True)
+    assert int8.precision == "int8" and int8.text_tower.path.endswith(f"-int8v{onnx_text.INT8_FORMAT}.onnx")
+    ids = int8.tokenizer(SAME_LENGTH)["input_ids"]
+    assert len({len(row) for row in ids}) == 1
+    texts = SAME_LENGTH + TEXTS
+    want = text_embeddings(load_clip(model, "cpu", "float32", with_tokenizer=True), texts)
+    got = text_embeddings(int8, texts)
+    assert (got * want).sum(axis=1).min() >= onnx_text.INT8_MIN_COSINE
+    assert not np.array_equal(got, want)  # it is int8 indeed
+    alone = np.stack([text_embeddings(int8, [t])[0] for t in texts])
+    assert np.abs(alone - got).max() < 1e-6
+
+
+def test_auto_takes_int8_only_where_it_measures_faster_and_keeps_the_embeddings(tiny_model, monkeypatch, caplog):
+    gains = []
+    monkeypatch.setattr(onnx_text, "int8_speedup", lambda f32, int8, sample: gains.pop(0))
+    caplog.set_level(logging.INFO, logger="executors.models.loading")
+    gains[:] = [3.0]
+    fast = load_clip(tiny_model, "cpu", None, with_tokenizer=True)
+    assert fast.precision == "int8" and "int8 (measured 3.00x its float32 export on one query, cosine" in caplog.text
+    loading._cache.clear()
+    gains[:] = [1.1]
+    slow = load_clip(tiny_model, "cpu", None, with_tokenizer=True)
+    assert slow.precision == "float32" and "-int8" not in slow.text_tower.path
+    assert "float32 (int8 measured 1.10x its float32 export on one query" in caplog.text and "under 1.2x" in caplog.text
+    loading._cache.clear()
+    gains[:] = [3.0]
+    monkeypatch.setattr(onnx_text, "INT8_MIN_COSINE", 1.01)  # no int8 tower keeps that
+    loose = load_clip(tiny_model, "cpu", None, with_tokenizer=True)
+    assert loose.precision == "float32" and "float32: int8 keeps only cosine" in caplog.text
+    assert gains == [3.0]  # not measured: its embeddings already ruled it out
+
+
+def test_the_int8_tower_is_cached_and_made_again_when_damaged(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv(onnx_text.RUNTIME_ENV, "onnxruntime")
+    path = load_clip(tiny_model, "cpu", "int8", with_tokenizer=True).text_tower.path
+    assert os.path.dirname(path) == str(tmp_path / "onnx")
+
+    def refuse(*args):
+        raise AssertionError("quantized again although the cache holds it")
+
+    monkeypatch.setattr(onnx_text, "quantize_int8", refuse)
+    loading._cache.clear()
+    assert load_clip(tiny_model, "cpu", "int8", with_tokenizer=True).text_tower.path == path
+    monkeypatch.undo()
+    monkeypatch.setenv(onnx_text.CACHE_ENV, str(tmp_path / "onnx"))
+    monkeypatch.setenv(onnx_text.RUNTIME_ENV, "onnxruntime")
+    with open(path, "wb") as f:
+        f.write(b"not an onnx model")
+    loading._cache.clear()
+    again = load_clip(tiny_model, "cpu", "int8", with_tokenizer=True)
+    assert again.precision == "int8" and os.path.getsize(path) > 1000
 
 
 def test_the_export_is_cached_and_made_again_for_a_changed_model(tiny_model, tmp_path, monkeypatch):
     load_clip(tiny_model, "cpu", None, with_tokenizer=True)
-    files = [f for f in os.listdir(tmp_path / "onnx") if f.endswith(".onnx")]
+    files = [f for f in os.listdir(tmp_path / "onnx") if f.endswith(".onnx") and "-int8" not in f]
     assert len(files) == 1
 
     def refuse(*args):
@@ -90,8 +167,8 @@ def test_the_runtime_setting(tiny_model, monkeypatch):
     monkeypatch.setenv(onnx_text.RUNTIME_ENV, "torch")
     assert load_clip(tiny_model, "cpu", None, with_tokenizer=True).text_tower is None
     monkeypatch.setenv(onnx_text.RUNTIME_ENV, "onnxruntime")
-    with pytest.raises(ValueError, match="runs in float32; dtype int8 runs on torch"):
-        load_clip(tiny_model, "cpu", "int8", with_tokenizer=True)
+    with pytest.raises(ValueError, match="runs in float32 or int8; dtype bfloat16 runs on torch"):
+        load_clip(tiny_model, "cpu", "bfloat16", with_tokenizer=True)
     monkeypatch.setenv(onnx_text.RUNTIME_ENV, "tensorrt")
     with pytest.raises(ValueError, match="must be auto, torch or onnxruntime"):
         load_clip(tiny_model, "cpu", None, with_tokenizer=True)

@@ -157,7 +157,14 @@ def test_an_embedding_does_not_depend_on_its_batch(vit_b32, reference, name):
     clip = load_clip(vit_b32, "cpu", name, with_tokenizer=True)
     batch = image_embeddings(clip, pixels)
     alone = np.concatenate([image_embeddings(clip, pixels[i : i + 1]) for i in range(len(pixels))])
-    assert (batch * alone).sum(axis=1).min() >= 0.99999
+    assert (batch * alone).sum(axis=1).min() >= SAME_ALONE[name]
     texts = text_embeddings(clip, TEXTS)
     single = np.concatenate([text_embeddings(clip, [t]) for t in TEXTS])
-    assert (texts * single).sum(axis=1).min() >= 0.99999
+    assert (texts * single).sum(axis=1).min() >= SAME_ALONE[name]
+
+
+# How close an embedding alone must be to the same input's in a batch: a picture must find itself with a
+# self-score of at least 0.9999 (tests/e2e/test_flows.py::test_query_by_example) and near-duplicates at 0.99
+# stay apart from the rest. bfloat16 on AMX (oneDNN picks its tiles by the batch's size, so sums are added
+# in another order and rounded to bfloat16's 8 bits) measured 0.99997; float32 and int8 keep 0.99999.
+SAME_ALONE = {"float32": 0.99999, "int8": 0.99999, "bfloat16": 0.9999}

@@ -16,25 +16,25 @@ def test_the_recorded_figures_are_reused_and_a_damaged_record_measured_again(tmp
     record = tmp_path / "cache" / "precision.json"
     monkeypatch.setenv(precision.PROBE_FILE_ENV, str(record))
     key = ("image", 768, 4, 50)
-    assert precision._recorded(key, lambda: {"bfloat16": 3.0, "int8": 1.5}) == {"bfloat16": 3.0, "int8": 1.5}
+    assert precision.recorded(key, lambda: {"bfloat16": 3.0, "int8": 1.5}) == {"bfloat16": 3.0, "int8": 1.5}
 
     def never():
         raise AssertionError("measured again although this machine's figures are recorded")
 
-    assert precision._recorded(key, never) == {"bfloat16": 3.0, "int8": 1.5}
+    assert precision.recorded(key, never) == {"bfloat16": 3.0, "int8": 1.5}
     entry = json.loads(record.read_text())
     assert len(entry) == 1 and "measured_at" in next(iter(entry.values()))
-    assert precision._recorded(("text", 512, 1, 16), lambda: {"bfloat16": 0.5}) == {"bfloat16": 0.5}  # its own key
+    assert precision.recorded(("text", 512, 1, 16), lambda: {"bfloat16": 0.5}) == {"bfloat16": 0.5}  # its own key
     record.write_text("{not json")
-    assert precision._recorded(key, lambda: {"bfloat16": 2.0}) == {"bfloat16": 2.0}
-    assert precision._recorded(key, never) == {"bfloat16": 2.0}
+    assert precision.recorded(key, lambda: {"bfloat16": 2.0}) == {"bfloat16": 2.0}
+    assert precision.recorded(key, never) == {"bfloat16": 2.0}
 
 
 def test_an_unwritable_record_costs_only_the_record(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv(precision.PROBE_FILE_ENV, str(blocker / "precision.json"))  # under a file: no folder
-    assert precision._recorded(("image", 1, 1, 1), lambda: {"int8": 1.25}) == {"int8": 1.25}
+    assert precision.recorded(("image", 1, 1, 1), lambda: {"int8": 1.25}) == {"int8": 1.25}
     monkeypatch.setenv(precision.PROBE_FILE_ENV, "")  # "" measures in every process
     assert precision.probe_file() is None
 
