@@ -152,25 +152,24 @@ class ShardMerger(Executor):
     @requests(on=VECTORS_ENDPOINT)
     def vectors(self, docs: DocList[QueryPart], docs_matrix=None, **kwargs) -> DocList[QueryPart]:
         """Each id's stored vector from the shard that holds it (no embedding: no shard holds it)."""
-        answers = self._answers(VECTORS_ENDPOINT, docs, docs_matrix)
-        return DocList[QueryPart]([next((a[position] for a in answers if a[position].embedding is not None), doc)
-                                   for position, doc in enumerate(answers[0])])
+        return self._first_that(VECTORS_ENDPOINT, docs, docs_matrix, DocList[QueryPart],
+                                lambda doc: doc.embedding is not None)
 
     @requests(on="/index")
     def index(self, docs: DocList[ImageInput], docs_matrix=None, **kwargs) -> DocList[ImageInput]:
         """Every shard answers every document; the one that owns it (a hash of its id) set its status."""
-        return self._owned("/index", docs, docs_matrix)
+        return self._first_that("/index", docs, docs_matrix, DocList[ImageInput], lambda doc: bool(doc.status))
 
     @requests(on="/update")
     def update(self, docs: DocList[ImageInput], docs_matrix=None, **kwargs) -> DocList[ImageInput]:
-        return self._owned("/update", docs, docs_matrix)
+        return self._first_that("/update", docs, docs_matrix, DocList[ImageInput], lambda doc: bool(doc.status))
 
-    def _owned(self, endpoint: str, docs, docs_matrix) -> DocList[ImageInput]:
+    def _first_that(self, endpoint: str, docs, docs_matrix, schema, answered) -> DocList:
+        """Per position, the first shard's document for which ``answered(document)`` holds (the shard that
+        holds or owns it answered it), else the document as the first shard returned it."""
         answers = self._answers(endpoint, docs, docs_matrix)
-        merged = DocList[ImageInput]()
-        for position, doc in enumerate(answers[0]):
-            merged.append(next((a[position] for a in answers if a[position].status), doc))
-        return merged
+        return schema([next((a[position] for a in answers if answered(a[position])), doc)
+                       for position, doc in enumerate(answers[0])])
 
     @requests(on="/classify")
     def classify(self, docs: DocList[TextQuery], docs_matrix=None, **kwargs) -> DocList[TextQuery]:
@@ -187,18 +186,11 @@ class ShardMerger(Executor):
 
     @requests(on="/lookup")
     def lookup(self, docs: DocList[KeyDoc], docs_matrix=None, **kwargs) -> DocList[KeyDoc]:
-        return self._found("/lookup", docs, docs_matrix)
+        return self._first_that("/lookup", docs, docs_matrix, DocList[KeyDoc], lambda doc: doc.found)
 
     @requests(on="/delete")
     def delete(self, docs: DocList[KeyDoc], docs_matrix=None, **kwargs) -> DocList[KeyDoc]:
-        return self._found("/delete", docs, docs_matrix)
-
-    def _found(self, endpoint: str, docs, docs_matrix) -> DocList[KeyDoc]:
-        answers = self._answers(endpoint, docs, docs_matrix)
-        merged = DocList[KeyDoc]()
-        for position, doc in enumerate(answers[0]):
-            merged.append(next((a[position] for a in answers if a[position].found), doc))
-        return merged
+        return self._first_that("/delete", docs, docs_matrix, DocList[KeyDoc], lambda doc: doc.found)
 
     @requests(on="/list")
     def list_documents(self, docs: DocList[KeyDoc], parameters: Optional[Dict] = None, docs_matrix=None,

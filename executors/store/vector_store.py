@@ -477,13 +477,13 @@ class VectorStore:
                         where: Optional[Mapping[str, Any]]) -> List[List[Tuple[Record, float]]]:
         """The top-``limit`` sources (a picture, or a video by its best moment): more rows are scanned for, four
         times as many each round, until each query has ``limit`` sources or no more rows match."""
-        fetch = limit
+        fetch, rows = limit, max(self.count, 1)  # counted once: a round that runs short of rows ends the scan anyway
         while True:
             found = self._search_once(queries, fetch, min_score, where)
             kept = [_best_per_source(hits, limit) for hits in found]
-            if fetch >= self.count or all(len(k) >= limit or len(h) < fetch for k, h in zip(kept, found)):
+            if fetch >= rows or all(len(k) >= limit or len(h) < fetch for k, h in zip(kept, found)):
                 return kept
-            fetch = min(fetch * 4, max(self.count, 1))
+            fetch = min(fetch * 4, rows)
 
     def _search_once(self, queries: np.ndarray, limit: int, min_score: Optional[float],
                      where: Optional[Mapping[str, Any]]) -> List[List[Tuple[Record, float]]]:
