@@ -13,7 +13,8 @@
 - ``auto`` (the default): float16 on CUDA. On a CPU it measures, once per process, one transformer MLP
   layer pair of the tower's width and usual work (a batch of images; one short query) in float32 and in each
   candidate, in order of preference: bfloat16 where the CPU runs it natively (never where it is only
-  emulated, 8x slower), then for images int8 (the int8 text tower keeps only cosine 0.998); it picks the
+  emulated, 8x slower), then for images int8 (torch's int8 text tower keeps only cosine 0.998; the text tower's
+  int8 runs on ONNX Runtime instead: executors/models/onnx_text.py); it picks the
   first that beats float32 by MIN_SPEEDUP, else float32. The choice, the figures and
   the CPU's bfloat16 support are logged at load. The figures are measured once per machine and recorded
   (``probe_file()``: ``~/.cache/clipseek/precision.json``, keyed by the probe, torch, the CPU and the
