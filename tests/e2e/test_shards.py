@@ -21,6 +21,26 @@ def _ranked(hits):
     return [(h.id, round(h.score, 5)) for h in hits]
 
 
+TIE = 2e-5  # two pictures this close in score may come in either order: one shard's scan and two shards' scans
+            # add up the same dot products in another order (float32), which can swap a near-tie
+
+
+def assert_same_ranking(got, want):
+    """Each answer list gives the same scores, position by position, and the same ids in the same order,
+    except within a run of near-equal scores (``TIE``); a run that reaches the list's end may hold another
+    id with that score (the one past the cut)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert len(g) == len(w), (g, w)
+        assert all(abs(a[1] - b[1]) <= TIE for a, b in zip(g, w)), (g, w)
+        start = 0
+        for end in range(1, len(w) + 1):
+            if end == len(w) or w[end - 1][1] - w[end][1] > TIE:  # a run of ties ends at ``end``
+                ids_g, ids_w = {i for i, _ in g[start:end]}, {i for i, _ in w[start:end]}
+                assert ids_g == ids_w or end == len(w), (g, w)
+                start = end
+
+
 def test_flow_yamls_declare_replicas_and_shards():
     for path in (INDEX_FLOW, SEARCH_FLOW):
         config = flow_config(path, host="127.0.0.1", port=1, workspace="/tmp/x", encoder_options={}, shards=3)
@@ -70,9 +90,9 @@ def test_two_shards_give_the_same_top_k_as_one(tiny_model, tmp_path):
                     parameters={"like": liked, "unlike": disliked, "limit": 9})[0].matches),
             ]
     assert counts == {1: 30, 2: 30}
-    assert answers[2] == answers[1]
-    assert feedback[2] == feedback[1]
-    assert feedback[1][3] == feedback[1][0]
+    assert_same_ranking(answers[2], answers[1])
+    assert_same_ranking(feedback[2], feedback[1])
+    assert feedback[1][3] == feedback[1][0]  # one flow, one scan: a plain jina Client gets the very same answer
     # a disliked id is left out of every answer that names it as disliked ("more like these" alone does not)
     assert not set(disliked) & {i for k in (0, 2, 3) for i, _ in feedback[1][k]}
     shard_dirs = sorted(os.listdir(tmp_path / "ws2" / "SimpleIndexer"))
