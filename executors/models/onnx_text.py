@@ -24,11 +24,12 @@ import hashlib
 import json
 import logging
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RUNTIME_ENV = "CLIPSEEK_TEXT_RUNTIME"  # auto (default), torch or onnxruntime
 CACHE_ENV = "CLIPSEEK_ONNX_CACHE"  # the folder of exported models (default ~/.cache/clipseek/onnx)
@@ -107,31 +108,62 @@ def load_or_export(model: Any, name_or_path: str, sample_tokens: Dict[str, Any],
     folder = cache_folder()
     os.makedirs(folder, mode=0o700, exist_ok=True)
     path = os.path.join(folder, f"text-{key}.onnx")
+    tower, exported = _cached(path, lambda dst: _export(model, sample_tokens, input_names, dst),
+                              lambda src: OnnxTextTower(src, input_names, threads), "text tower export")
+    cosine = _agreement(model, tower, sample_tokens)
+    if cosine < MIN_COSINE:
+        os.unlink(path)
+        raise RuntimeError(f"the export gives cosine {cosine:.6f} to the torch model on a sample text")
+    logger.info("text tower on ONNX Runtime %s: %s %s (cosine %.7f to torch float32)", onnxruntime.__version__,
+                "exported to" if exported else "read from", path, cosine)
+    return tower
+
+
+def _cached(path: str, make: Callable[[str], Any], open_file: Callable[[str], T], what: str) -> Tuple[T, bool]:
+    """(``open_file(path)``, whether the file was made now): the file at ``path`` as cached, or made by
+    ``make(dst)`` while holding the file's lock (one process makes it; one started beside it waits, then reads
+    it), written whole or not at all; a cached file that cannot be opened is made again, once. Raises
+    RuntimeError naming ``what`` if it cannot be made or opened."""
     lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process exports; one started beside it waits and reads the file
-        exported = False
-        if not os.path.exists(path):
-            _export(model, sample_tokens, input_names, path)
-            exported = True
-        try:
-            tower = OnnxTextTower(path, input_names, threads)
-        except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: a damaged cached file is made again
-            if exported:
-                raise RuntimeError(f"ONNX Runtime cannot read the export: {str(e).splitlines()[0][:200]}") from None
-            logger.warning("cached text tower %s is unreadable (%s); exporting it again", path, str(e)[:200])
-            _export(model, sample_tokens, input_names, path)
-            exported = True
-            tower = OnnxTextTower(path, input_names, threads)
-        cosine = _agreement(model, tower, sample_tokens)
-        if cosine < MIN_COSINE:
-            os.unlink(path)
-            raise RuntimeError(f"the export gives cosine {cosine:.6f} to the torch model on a sample text")
-        logger.info("text tower on ONNX Runtime %s: %s %s (cosine %.7f to torch float32)", onnxruntime.__version__,
-                    "exported to" if exported else "read from", path, cosine)
-        return tower
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        made = False
+        while True:
+            if not os.path.exists(path):
+                _write_whole(path, make, what)
+                made = True
+            try:
+                return open_file(path), made
+            except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: a damaged file is made again
+                os.unlink(path)
+                if made:
+                    raise RuntimeError(f"ONNX Runtime cannot read the {what}: {_first_line(e)}") from None
+                logger.warning("cached %s %s is unreadable (%s); making it again", what, path, _first_line(e))
     finally:
         os.close(lock)
+
+
+def _write_whole(path: str, make: Callable[[str], Any], what: str) -> None:
+    """``make(tmp)`` then ``tmp`` synced and renamed to ``path``: a crash leaves the whole file or none."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        make(tmp)
+        os.chmod(tmp, 0o600)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except RuntimeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the exporter's and onnx's own errors: the caller keeps what it has
+        raise RuntimeError(f"cannot write the {what}: {type(e).__name__}: {_first_line(e)}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _text_module(model, input_names):
@@ -160,19 +192,13 @@ def _export(model, sample_tokens, input_names, path: str) -> None:
     args = tuple(torch.as_tensor(_numpy(sample_tokens[n]), dtype=torch.long) for n in input_names)
     axes = {n: {0: "batch", 1: "tokens"} for n in input_names}
     axes["features"] = {0: "batch"}
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(tower, args, tmp, input_names=input_names, output_names=["features"],
+            torch.onnx.export(tower, args, path, input_names=input_names, output_names=["features"],
                               dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
     except Exception as e:  # noqa: BLE001 - any exporter failure: the caller keeps torch
-        raise RuntimeError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        raise RuntimeError(f"torch.onnx.export failed: {type(e).__name__}: {_first_line(e)}") from None
 
 
 def int8_tower(f32: OnnxTextTower, model: Any, samples: Sequence[Dict[str, Any]]):
@@ -180,31 +206,8 @@ def int8_tower(f32: OnnxTextTower, model: Any, samples: Sequence[Dict[str, Any]]
     quantized from the float32 file (``quantize_int8``) and cached beside it. Raises RuntimeError if it cannot
     be made or read."""
     path = f"{f32.path[: -len('.onnx')]}-int8v{INT8_FORMAT}.onnx"
-    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for attempt in (1, 2):  # a damaged cached file is quantized again, once
-            if not os.path.exists(path):
-                tmp = f"{path}.{os.getpid()}.tmp"
-                try:
-                    quantize_int8(f32.path, tmp)
-                    os.chmod(tmp, 0o600)
-                    os.replace(tmp, path)
-                except Exception as e:  # noqa: BLE001 - onnx's own errors: the caller keeps float32
-                    raise RuntimeError(f"cannot write the int8 text tower: {type(e).__name__}: {str(e)[:200]}") from None
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-            try:
-                tower = OnnxTextTower(path, f32.input_names, f32.threads, per_item=True)
-                break
-            except Exception as e:  # noqa: BLE001 - onnxruntime's own errors
-                os.unlink(path)
-                if attempt == 2:
-                    raise RuntimeError(f"ONNX Runtime cannot read the int8 text tower: {str(e).splitlines()[0][:200]}") from None
-                logger.warning("cached int8 text tower %s is unreadable (%s); quantizing it again", path, str(e)[:200])
-    finally:
-        os.close(lock)
+    tower, _ = _cached(path, lambda dst: quantize_int8(f32.path, dst),
+                       lambda src: OnnxTextTower(src, f32.input_names, f32.threads, per_item=True), "int8 text tower")
     return tower, min(_agreement(model, tower, sample) for sample in samples)
 
 

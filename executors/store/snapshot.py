@@ -35,7 +35,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from executors.store.vector_store import SCHEMA_VERSION, STORAGE, Record, StoreError, VectorStore, lock_writer
+from executors.store.vector_store import SCHEMA_VERSION, STORAGE, Record, StoreError, VectorStore, lock_writer, sync_folder
 
 FORMAT = 1
 BATCH = 4096
@@ -278,7 +278,7 @@ def _swap(staged: str, folder: str) -> None:
     """Put the complete index ``staged`` in the place of ``folder``. The old index ends up at ``staged``
     (after an atomic exchange) or at ``folder.replaced`` (two renames, where no exchange is possible)."""
     parent = os.path.dirname(folder)
-    _fsync_dir(staged)
+    sync_folder(staged)
     if not _exchange(staged, folder):
         logger.warning("%s: this filesystem cannot exchange two folders in one step; the index is replaced by "
                        "two renames", parent)
@@ -290,7 +290,7 @@ def _swap(staged: str, folder: str) -> None:
             os.replace(replaced, folder)
             raise
     try:
-        _fsync_dir(parent)
+        sync_folder(parent)
     except OSError as e:
         logger.warning("cannot sync %s after the swap (%s)", parent, e)
 
@@ -345,11 +345,3 @@ def _remove(folder: str, what: str) -> None:
         shutil.rmtree(folder)
     except OSError as e:
         logger.warning("cannot remove %s at %s (%s); the next restore tries again", what, folder, e)
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -231,7 +231,7 @@ class VectorStore:
             created = not os.path.exists(path)
             self._write_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             if created:  # the file's name reaches the disk before any row that needs it is committed
-                _sync_folder(self.path)
+                sync_folder(self.path)
             self._write_dtype = dtype
             self._capacity = 0
         return self._write_fd
@@ -427,7 +427,7 @@ class VectorStore:
             tmp = vectors_path + ".new"
             os.close(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600))
             os.replace(tmp, vectors_path)
-            _sync_folder(self.path)  # the empty file replaces the old one on disk before any new row is committed
+            sync_folder(self.path)  # the empty file replaces the old one on disk before any new row is committed
             if self._write_fd is not None:
                 os.close(self._write_fd)
                 self._write_fd = None
@@ -740,7 +740,7 @@ def _record(row: Sequence[Any]) -> Record:
     return Record(rid, uri, json.loads(tags or "{}"), content_hash, mtime, size, width, height, indexed_at, *when_where)
 
 
-def _sync_folder(folder: str) -> None:
+def sync_folder(folder: str) -> None:
     """fsync a folder, so that the files created or renamed in it are on disk under their names (POSIX
     promises a file's name is durable only once its folder is synced)."""
     fd = os.open(folder, os.O_RDONLY)

@@ -175,3 +175,24 @@ def test_the_runtime_setting(tiny_model, monkeypatch):
     monkeypatch.delenv(onnx_text.RUNTIME_ENV)
     assert load_clip(tiny_model, "cpu", "bfloat16", with_tokenizer=True).text_tower is None  # a precision named
     assert load_clip(tiny_model, "cpu", None).text_tower is None  # the image tower stays on torch
+
+
+def test_a_cached_file_is_written_whole_or_not_at_all(tmp_path):
+    path = str(tmp_path / "tower.onnx")
+
+    def half_then_fail(dst):
+        with open(dst, "wb") as f:
+            f.write(b"half a model")
+        raise ValueError("disk full")
+
+    with pytest.raises(RuntimeError, match="cannot write the int8 text tower: ValueError: disk full"):
+        onnx_text._cached(path, half_then_fail, open, "int8 text tower")
+    assert sorted(os.listdir(tmp_path)) == ["tower.onnx.lock"]  # neither the half file nor its temporary
+
+    def unreadable(src):
+        raise ValueError(f"cannot parse {src}")
+
+    made = []
+    with pytest.raises(RuntimeError, match="ONNX Runtime cannot read the int8 text tower: cannot parse"):
+        onnx_text._cached(path, lambda dst: made.append(open(dst, "wb").close()), unreadable, "int8 text tower")
+    assert len(made) == 1 and not os.path.exists(path)  # made once, read back, refused and removed
