@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional
 from docarray import BaseDoc, DocList
 from docarray.documents import ImageDoc, TextDoc
 from docarray.typing import AnyEmbedding, AnyTensor, AnyUrl, ImageUrl
+from pydantic import Field
 
 from executors.images.imaging import IMAGE_EXTENSIONS
 from executors.images.video import VIDEO_EXTENSIONS
@@ -65,7 +66,7 @@ class ImageInput(ImageDoc):
     camera: Optional[str] = None
     latitude: Optional[float] = None
     longitude: Optional[float] = None
-    moments: DocList[VideoMoment] = DocList[VideoMoment]()
+    moments: DocList[VideoMoment] = Field(default_factory=DocList[VideoMoment])
     duration: Optional[float] = None  # seconds, for a video
 
 
@@ -109,8 +110,8 @@ class TextQuery(TextDoc):
 
     url: Optional[ImageUrl] = None  # the query image (TextDoc's url would only take text files)
     tensor: Optional[AnyTensor] = None
-    parts: DocList[QueryPart] = DocList[QueryPart]()
-    matches: DocList[Hit] = DocList[Hit]()
+    parts: DocList[QueryPart] = Field(default_factory=DocList[QueryPart])
+    matches: DocList[Hit] = Field(default_factory=DocList[Hit])
     embedding_model: Optional[str] = None
     error: Optional[str] = None
 
@@ -123,7 +124,7 @@ def has_image(item) -> bool:
 class DuplicateGroup(BaseDoc):
     """Near-identical images: each member with its best cosine to another member."""
 
-    members: DocList[Hit] = DocList[Hit]()
+    members: DocList[Hit] = Field(default_factory=DocList[Hit])
 
 
 class KeyDoc(BaseDoc):

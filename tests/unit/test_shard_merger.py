@@ -126,3 +126,16 @@ def test_every_shard_searches_with_the_vectors_a_search_sends_for_liked_ids(tmp_
         assert indexer.vectors(DocList[QueryPart]([QueryPart(id="c")]))[0].embedding is None  # not on this shard
     finally:
         indexer.close()
+
+
+def test_every_document_gets_lists_of_its_own_typed_as_declared():
+    from executors.docs import DuplicateGroup, Hit, ImageInput, QueryPart, TextQuery, VideoMoment
+
+    a, b = TextQuery(text="a"), TextQuery(text="b")
+    a.matches.append(Hit(uri="/x.jpg"))
+    a.parts.append(QueryPart(text="c"))
+    assert len(b.matches) == 0 and len(b.parts) == 0 and len(TextQuery().matches) == 0
+    assert a.matches.doc_type is Hit and b.parts.doc_type is QueryPart
+    assert ImageInput().moments.doc_type is VideoMoment and DuplicateGroup().members.doc_type is Hit
+    back = DocList[TextQuery].from_protobuf(DocList[TextQuery]([a, b]).to_protobuf())
+    assert [len(q.matches) for q in back] == [1, 0] and back[0].matches[0].uri == "/x.jpg"
