@@ -49,3 +49,27 @@ def test_two_starts_choose_alike(tmp_path):
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert first.stdout == second.stdout and first.stdout.split("|")[1].strip().startswith("auto on cpu")
     assert len(json.loads((tmp_path / "precision.json").read_text())) == 1
+
+
+# What an AVX2-only CPU leaves oneDNN and MKL: bfloat16 matmuls then run emulated (8x slower than float32 on
+# such a CPU), while the CPU still reports avx512_bf16, so only a measurement can tell.
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+@pytest.mark.skipif(not precision.native_bfloat16(), reason="the CPU has no native bfloat16 to hold back")
+def test_auto_picks_by_measurement_not_by_the_cpus_name(tmp_path):
+    """With the math libraries held to AVX2 on a CPU that names native bfloat16, bfloat16 measures slower than
+    float32 and auto takes neither tower's bfloat16; its reason gives the figure it measured."""
+    env = dict(os.environ, **AVX2_ONLY, **{precision.PROBE_FILE_ENV: str(tmp_path / "precision.json")})
+    code = ("from executors.models import precision as p\n"
+            "for tower in ('image', 'text'):\n"
+            "    c = p.choose('auto', 'cpu', tower); print(tower, c.name, '|', c.reason)")
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = dict(line.split(" ", 1) for line in run.stdout.strip().splitlines())
+    assert set(lines) == {"image", "text"}
+    for tower, line in lines.items():
+        name, reason = (part.strip() for part in line.split("|"))
+        measured = float(reason.split("bfloat16 ", 1)[1].split("x", 1)[0])
+        assert measured < precision.MIN_SPEEDUP and name != "bfloat16", (tower, line)
+    assert lines["text"].startswith("float32")
