@@ -64,6 +64,8 @@ def build_flows(settings: Settings):
     """(index flow, search flow), not started."""
     from jina import Flow
 
+    draw_internal_ports_outside_ephemeral()
+
     options = {"pretrained_model_name_or_path": settings.model, "device": settings.device,
                "dtype": settings.dtype, "batch_size": settings.batch_size, "max_megapixels": settings.max_megapixels,
                "url_timeout": settings.url_timeout, "max_download_bytes": settings.max_download_bytes,
@@ -76,6 +78,42 @@ def build_flows(settings: Settings):
                                 workspace=settings.workspace, shards=settings.shards,
                                 encoder_options={**options, "batch_size": None, "allowed_roots": roots})
     return index_flow, Flow.load_config(with_feedback_gateway(search_config))
+
+
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def internal_port_range(path: str = EPHEMERAL_RANGE_FILE) -> Optional[Tuple[int, int]]:
+    """Ports for the flows' internal pods (executors, heads) that no outgoing connection can take: above the
+    kernel's ephemeral range (Linux: 32768-60999), else below it from 10000; None where it cannot be read or
+    leaves fewer than 1,000 ports."""
+    try:
+        with open(path, encoding="ascii") as f:
+            low, high = (int(word) for word in f.read().split()[:2])
+    except (OSError, ValueError):
+        return None
+    if 65535 - high >= 1000:
+        return high + 1, 65535
+    if low - 10000 >= 1000:
+        return 10000, low - 1
+    return None
+
+
+def draw_internal_ports_outside_ephemeral() -> None:
+    """Make jina draw the internal pods' ports from ``internal_port_range()``. jina draws them (by default from
+    49153-65535) when a flow is built and the pod binds one when it starts; a port of the ephemeral range could
+    be taken meanwhile as the local end of any connection on the machine, and the flow would fail to start
+    (PortAlreadyUsed). JINA_RANDOM_PORT_MIN / _MAX set by the user are kept."""
+    if "JINA_RANDOM_PORT_MIN" in os.environ or "JINA_RANDOM_PORT_MAX" in os.environ:
+        return
+    span = internal_port_range()
+    if span is None:
+        return
+    os.environ["JINA_RANDOM_PORT_MIN"], os.environ["JINA_RANDOM_PORT_MAX"] = str(span[0]), str(span[1])
+    from jina import helper
+
+    if any(not span[0] <= port <= span[1] for port in helper.unassigned_ports):
+        helper.unassigned_ports.clear()  # drawn before from jina's default range: the next draw starts anew
 
 
 # The search flow's gateway where its indexer has several shards: a search's liked and disliked ids get the

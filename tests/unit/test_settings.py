@@ -68,3 +68,46 @@ def test_one_reading_of_a_dtype():
     assert dtype_name(torch.bfloat16, ("bfloat16",)) == "bfloat16"
     with pytest.raises(ValueError, match="float32, float16"):
         dtype_name("int4", ("float32", "float16"))
+
+
+def _internal_ports(flow):
+    """Every port jina drew for a flow's pods: executors, shard heads and each shard's replicas."""
+    ports = []
+    for deployment in flow._deployment_nodes.values():
+        ports += list(deployment.args.port) if isinstance(deployment.args.port, list) else [deployment.args.port]
+        for replicas in (deployment.pod_args.get("pods") or {}).values():
+            for pod in replicas:
+                ports += list(pod.port) if isinstance(pod.port, list) else [pod.port]
+    return {int(p) for p in ports}
+
+
+def test_internal_ports_are_drawn_outside_the_ephemeral_range(tmp_path, monkeypatch):
+    """A pod's port drawn from the kernel's ephemeral range can be taken by any outgoing connection before the
+    pod binds it (a flow failed to start with PortAlreadyUsed that way)."""
+    from flows import serving
+
+    span = serving.internal_port_range()
+    if span is None:
+        pytest.skip(f"no ephemeral port range to read at {serving.EPHEMERAL_RANGE_FILE}")
+    monkeypatch.delenv("JINA_RANDOM_PORT_MIN", raising=False)
+    monkeypatch.delenv("JINA_RANDOM_PORT_MAX", raising=False)
+    with open(serving.EPHEMERAL_RANGE_FILE) as f:
+        low, high = map(int, f.read().split()[:2])
+    ports = set()
+    for flow in build_flows(Settings(model="m", workspace=str(tmp_path), shards=2)):
+        ports |= _internal_ports(flow)
+    assert len(ports) >= 8, ports
+    assert not [p for p in ports if low <= p <= high], (low, high, sorted(ports))
+    assert all(span[0] <= p <= span[1] for p in ports)
+
+
+def test_the_internal_port_range_leaves_the_ephemeral_one(tmp_path):
+    from flows.serving import internal_port_range
+
+    def span(text):
+        (tmp_path / "range").write_text(text)
+        return internal_port_range(str(tmp_path / "range"))
+
+    assert span("32768\t60999\n") == (61000, 65535)
+    assert span("40000 65000") == (10000, 39999)
+    assert span("10500 65000") is None and span("garbage") is None and internal_port_range(str(tmp_path / "none")) is None
