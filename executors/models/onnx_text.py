@@ -10,9 +10,11 @@ torch's and ONNX Runtime's versions: a changed model or a new runtime exports ag
 fails or disagrees keeps running on torch (logged); ``CLIPSEEK_TEXT_RUNTIME=torch`` asks for torch always.
 
 A short query is bound by reading the tower's weights (150 MB in float32 for ViT-B/32's text tower), so
-``auto`` also tries an int8 copy of the export (``quantize_int8``: each weight matrix in int8 with one scale
+``auto`` also tries an int8 copy of the export (``quantize_int8``: each weight matrix in 8 bits with one scale
 per output column, activations quantized per call, each text run on its own so its embedding never depends
-on its batch). It is used only where every sample text keeps cosine ``INT8_MIN_COSINE`` to the torch float32
+on its batch). The weights' encoding follows the CPU (``weight_encoding``): int8 where VNNI multiplies
+uint8 activations by int8 weights exactly, uint8 around 128 elsewhere (AVX2), where ONNX Runtime's
+uint8 x int8 kernel adds pairs of products in int16 and saturates. It is used only where every sample text keeps cosine ``INT8_MIN_COSINE`` to the torch float32
 model and it is measured ``MIN_SPEEDUP`` faster than the float32 export on this machine (the figures are
 recorded per machine like the precision probe's).
 """
@@ -41,7 +43,7 @@ SAMPLE_TEXTS = (SAMPLE_TEXT, "sunset", "two dogs playing in the snow in front of
                 "a close-up photo of a bowl of fruit on a kitchen table", "a diagram", "a red circle",
                 "people walking down a busy street at night in the rain, seen from above")
 INT8_MIN_COSINE = 0.999
-INT8_FORMAT = 1  # how quantize_int8 writes its file: a new format makes the int8 files again
+INT8_FORMAT = 2  # how quantize_int8 writes its file: a new format makes the int8 files again
 
 
 def runtime_wanted() -> str:
@@ -205,19 +207,34 @@ def int8_tower(f32: OnnxTextTower, model: Any, samples: Sequence[Dict[str, Any]]
     """(the int8 copy of ``f32``'s export, its smallest cosine to the torch float32 ``model`` over ``samples``):
     quantized from the float32 file (``quantize_int8``) and cached beside it. Raises RuntimeError if it cannot
     be made or read."""
-    path = f"{f32.path[: -len('.onnx')]}-int8v{INT8_FORMAT}.onnx"
-    tower, _ = _cached(path, lambda dst: quantize_int8(f32.path, dst),
+    encoding = weight_encoding()
+    path = f"{f32.path[: -len('.onnx')]}-int8v{INT8_FORMAT}-{encoding}.onnx"
+    tower, _ = _cached(path, lambda dst: quantize_int8(f32.path, dst, encoding),
                        lambda src: OnnxTextTower(src, f32.input_names, f32.threads, per_item=True), "int8 text tower")
     return tower, min(_agreement(model, tower, sample) for sample in samples)
 
 
-def quantize_int8(src: str, dst: str) -> int:
+def weight_encoding() -> str:
+    """How ``quantize_int8`` stores the weights on this CPU: "s8" (int8) where VNNI's uint8 x int8 dot product
+    sums in int32, "u8" (uint8, zero point 128) elsewhere. Without VNNI, ONNX Runtime's uint8 x int8 kernel
+    (AVX2, AVX512 core) adds pairs of products in int16, which 255 x 127 twice overflows: the tiny test model's
+    embeddings kept only cosine 0.96 to float32 that way on an AVX2 CPU; its uint8 x uint8 kernel widens to
+    int16 before it multiplies and keeps 0.9997."""
+    from executors.models.precision import cpu_capabilities
+
+    return "s8" if cpu_capabilities()["vnni"] else "u8"
+
+
+def quantize_int8(src: str, dst: str, encoding: str = "s8") -> int:
     """``src`` (an exported float32 text tower) written to ``dst`` with every MatMul by a constant 2-D weight
-    as ONNX Runtime's DynamicQuantizeMatMul: the weight in int8, symmetric, one scale per output column; the
-    activations quantized to uint8 at each call. Returns how many MatMuls it changed."""
+    as ONNX Runtime's DynamicQuantizeMatMul: the weight in 8 bits, symmetric, one scale per output column, as
+    int8 (``encoding`` "s8") or as uint8 around zero point 128 ("u8", the same 255 levels); the activations
+    quantized to uint8 at each call. Returns how many MatMuls it changed."""
     import onnx
     from onnx import helper, numpy_helper
 
+    if encoding not in ("s8", "u8"):
+        raise ValueError(f"encoding must be s8 or u8, got {encoding!r}")
     model = onnx.load(src)
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
@@ -230,11 +247,17 @@ def quantize_int8(src: str, dst: str) -> int:
             continue
         scale = np.abs(w).max(axis=0) / 127.0
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        q = numpy_helper.from_array(np.clip(np.rint(w / scale), -127, 127).astype(np.int8), f"{weight.name}_int8")
-        s = numpy_helper.from_array(scale, f"{weight.name}_scale")
-        graph.initializer.extend([q, s])
+        levels = np.clip(np.rint(w / scale), -127, 127)
+        inputs = [node.input[0], f"{weight.name}_int8", f"{weight.name}_scale"]
+        graph.initializer.append(numpy_helper.from_array(scale, inputs[2]))
+        if encoding == "s8":
+            graph.initializer.append(numpy_helper.from_array(levels.astype(np.int8), inputs[1]))
+        else:
+            graph.initializer.append(numpy_helper.from_array((levels + 128).astype(np.uint8), inputs[1]))
+            inputs.append(f"{weight.name}_zero")
+            graph.initializer.append(numpy_helper.from_array(np.full(w.shape[1], 128, np.uint8), inputs[3]))
         replaced.add(weight.name)
-        nodes.append(helper.make_node("DynamicQuantizeMatMul", [node.input[0], q.name, s.name], list(node.output),
+        nodes.append(helper.make_node("DynamicQuantizeMatMul", inputs, list(node.output),
                                       name=f"{node.name or weight.name}_int8", domain="com.microsoft"))
         changed += 1
     if not changed:

@@ -61,7 +61,8 @@ def test_the_int8_tower_keeps_the_embeddings_and_each_text_its_own(family, tiny_
     model = {"clip": tiny_model, "siglip": siglip_model}[family]
     monkeypatch.setenv(onnx_text.RUNTIME_ENV, "onnxruntime")
     int8 = load_clip(model, "cpu", "int8", with_tokenizer=True)
-    assert int8.precision == "int8" and int8.text_tower.path.endswith(f"-int8v{onnx_text.INT8_FORMAT}.onnx")
+    encoding = onnx_text.weight_encoding()
+    assert int8.precision == "int8" and int8.text_tower.path.endswith(f"-int8v{onnx_text.INT8_FORMAT}-{encoding}.onnx")
     ids = int8.tokenizer(SAME_LENGTH)["input_ids"]
     assert len({len(row) for row in ids}) == 1
     texts = SAME_LENGTH + TEXTS
@@ -71,6 +72,46 @@ def test_the_int8_tower_keeps_the_embeddings_and_each_text_its_own(family, tiny_
     assert not np.array_equal(got, want)  # it is int8 indeed
     alone = np.stack([text_embeddings(int8, [t])[0] for t in texts])
     assert np.abs(alone - got).max() < 1e-6
+
+
+def test_the_weights_are_int8_only_where_vnni_multiplies_them_exactly(monkeypatch):
+    from executors.models import precision
+
+    for vnni, want in ((True, "s8"), (False, "u8")):
+        monkeypatch.setattr(precision, "cpu_capabilities", lambda vnni=vnni: {"vnni": vnni, "avx512_bf16": False,
+                                                                             "amx": False, "avx2": True})
+        assert onnx_text.weight_encoding() == want
+
+
+@pytest.mark.parametrize("encoding", ["s8", "u8"])
+def test_quantize_int8_writes_the_weights_in_the_encoding_asked_for(encoding, tiny_model, tmp_path, monkeypatch):
+    import onnx
+    from onnx import numpy_helper
+
+    monkeypatch.setenv(onnx_text.RUNTIME_ENV, "onnxruntime")
+    f32 = load_clip(tiny_model, "cpu", "float32", with_tokenizer=True).text_tower
+    dst = str(tmp_path / f"int8-{encoding}.onnx")
+    changed = onnx_text.quantize_int8(f32.path, dst, encoding)
+    model = onnx.load(dst)
+    quantized = [node for node in model.graph.node if node.op_type == "DynamicQuantizeMatMul"]
+    assert changed == len(quantized) > 0 and not any(
+        node.op_type == "MatMul" and node.input[1] in {i.name for i in model.graph.initializer} for node in model.graph.node)
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in quantized:
+        weight = init[node.input[1]]
+        assert weight.dtype == {"s8": np.int8, "u8": np.uint8}[encoding]
+        if encoding == "u8":  # the same 255 levels around 128: 1..255, with zero point 128 for every column
+            assert weight.min() >= 1 and np.array_equal(init[node.input[3]], np.full(weight.shape[1], 128, np.uint8))
+        else:
+            assert len(node.input) == 3 and weight.min() >= -127
+    # uint8 x uint8 sums without saturating on every CPU: its embeddings stay the float32 export's
+    if encoding == "u8":
+        tokenizer = load_clip(tiny_model, "cpu", "float32", with_tokenizer=True).tokenizer
+        tokens = {k: v for k, v in tokenizer(TEXTS[:1], return_tensors="np").items() if k in f32.input_names}
+        got, want = onnx_text.OnnxTextTower(dst, f32.input_names, 1)(tokens).ravel(), f32(tokens).ravel()
+        assert got @ want / (np.linalg.norm(got) * np.linalg.norm(want)) >= onnx_text.INT8_MIN_COSINE
+    with pytest.raises(ValueError, match="encoding must be s8 or u8, got 'u4'"):
+        onnx_text.quantize_int8(f32.path, dst, "u4")
 
 
 def test_auto_takes_int8_only_where_it_measures_faster_and_keeps_the_embeddings(tiny_model, monkeypatch, caplog):
