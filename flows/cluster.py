@@ -349,7 +349,9 @@ def build_shared_flows(settings: Settings, shard_ports: Optional[Sequence[int]] 
     """(index flow, search flow), not started: the search flow's shards are the index flow's processes."""
     from jina import Flow
 
-    from flows.serving import EXECUTOR_HOST, INDEX_FLOW, SEARCH_FLOW, flow_config, free_port
+    from flows.serving import EXECUTOR_HOST, INDEX_FLOW, SEARCH_FLOW, flow_config, free_port, skip_empty_argument_check
+
+    skip_empty_argument_check()
 
     options = {"pretrained_model_name_or_path": settings.model, "device": settings.device,
                "dtype": settings.dtype, "batch_size": settings.batch_size, "max_megapixels": settings.max_megapixels,

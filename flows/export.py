@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import yaml
 
 from flows.cluster import INDEXER, indexer_of, shard_count, shard_names, shared_search_config
-from flows.serving import INDEX_FLOW, SEARCH_FLOW, flow_config
+from flows.serving import INDEX_FLOW, SEARCH_FLOW, flow_config, skip_empty_argument_check
 from flows.settings import DEFAULT_INDEX_PORT, DEFAULT_SEARCH_PORT, PROJECT_ROOT
 
 GATEWAY_IMAGE = "jinaai/jina:3.34.0-py310-standard"
@@ -150,6 +150,7 @@ def _write(kind: str, out_dir: str, configs: Dict[str, Dict], namespace: str,
            model_volume: Optional[str] = None) -> List[str]:
     from jina import Flow
 
+    skip_empty_argument_check()
     shards_written = shard_names(shard_count(configs["index"]))
     written = []
     storage_class, storage = _storage() if kind == "kubernetes" else (None, DEFAULT_STORAGE)
