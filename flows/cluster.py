@@ -349,7 +349,8 @@ def build_shared_flows(settings: Settings, shard_ports: Optional[Sequence[int]] 
     """(index flow, search flow), not started: the search flow's shards are the index flow's processes."""
     from jina import Flow
 
-    from flows.serving import EXECUTOR_HOST, INDEX_FLOW, SEARCH_FLOW, flow_config, free_port, skip_empty_argument_check
+    from flows.serving import (EXECUTOR_HOST, INDEX_FLOW, SEARCH_FLOW, flow_config, free_port, gateway_starts_last,
+                               skip_empty_argument_check)
 
     skip_empty_argument_check()
 
@@ -366,7 +367,10 @@ def build_shared_flows(settings: Settings, shard_ports: Optional[Sequence[int]] 
                                 workspace=settings.workspace, shards=settings.shards,
                                 encoder_options={**options, "batch_size": None, "allowed_roots": roots})
     search_config = shared_search_config(search_config, [(EXECUTOR_HOST, p) for p in ports])
-    return Flow.load_config(index_config), Flow.load_config(search_config)
+    flows = Flow.load_config(index_config), Flow.load_config(search_config)
+    for flow in flows:
+        gateway_starts_last(flow)
+    return flows
 
 
 @contextlib.contextmanager
