@@ -349,8 +349,8 @@ def build_shared_flows(settings: Settings, shard_ports: Optional[Sequence[int]] 
     """(index flow, search flow), not started: the search flow's shards are the index flow's processes."""
     from jina import Flow
 
-    from flows.serving import (EXECUTOR_HOST, INDEX_FLOW, SEARCH_FLOW, flow_config, free_port, gateway_starts_last,
-                               skip_empty_argument_check)
+    from flows.serving import (EXECUTOR_HOST, INDEX_FLOW, SEARCH_FLOW, dead_pods_close_at_once, flow_config, free_port,
+                               gateway_starts_last, skip_empty_argument_check)
 
     skip_empty_argument_check()
 
@@ -370,6 +370,7 @@ def build_shared_flows(settings: Settings, shard_ports: Optional[Sequence[int]] 
     flows = Flow.load_config(index_config), Flow.load_config(search_config)
     for flow in flows:
         gateway_starts_last(flow)
+        dead_pods_close_at_once(flow)
     return flows
 
 

@@ -19,11 +19,10 @@ from flows.transport import GrpcTransport, TransportError
 from tests.e2e.test_shards import _processes_using
 
 
-def test_two_flows_one_process_per_shard(tiny_model, tmp_path, monkeypatch):
+def test_two_flows_one_process_per_shard(tiny_model, tmp_path):
     from flows.cluster import shared_flows_in_subprocess
     from executors.store.vector_store import VectorStore
 
-    monkeypatch.setenv("JINA_DEFAULT_TIMEOUT_CTRL", "10")  # jina waits this long (60 s) for the killed shard at close
     folder = tmp_path / "pictures"
     world.write_world(str(folder), n=30, seed=11)
     workspace = tmp_path / "ws"

@@ -2,6 +2,7 @@
 executor for its endpoints, failed, and waited a whole second before asking again."""
 
 import os
+import signal
 import time
 
 import jina.orchestrate.deployments
@@ -9,7 +10,7 @@ import pytest
 from jina import Executor, Flow, requests
 from jina.excepts import RuntimeFailToStart
 
-from flows.serving import free_port, gateway_starts_last, skip_empty_argument_check
+from flows.serving import dead_pods_close_at_once, free_port, gateway_starts_last, skip_empty_argument_check
 
 
 class SlowToLoad(Executor):
@@ -68,3 +69,18 @@ def test_an_executor_that_fails_to_load_fails_the_start_as_before(monkeypatch):
         with flow:
             pass
     assert started == ["slow"]  # no gateway started for a flow that cannot serve
+
+
+def test_a_flow_whose_executor_was_killed_closes_without_waiting_for_it(tmp_path):
+    """jina waits 60 s (JINA_DEFAULT_TIMEOUT_CTRL) at close for every pod to report its shutdown; a killed
+    one never does. The flow marks it shut down and closes at once."""
+    flow = _flow(SlowToLoad, marker=str(tmp_path / "loaded"))
+    dead_pods_close_at_once(flow)
+    with flow:
+        (pod,) = flow._deployment_nodes["slow"].shards[0]._pods
+        os.kill(pod.worker.pid, signal.SIGKILL)
+        pod.worker.join(10)
+        closing = time.monotonic()
+    took = time.monotonic() - closing
+    assert not pod.worker.is_alive() and pod.is_shutdown.is_set()
+    assert took < 30, f"closing took {took:.0f} s"
