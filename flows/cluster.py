@@ -391,13 +391,10 @@ def running_shared_flows(settings: Settings, shard_ports: Optional[Sequence[int]
         yield index_flow, search_flow
 
 
-def _serve_shared(settings: Settings, start_method: str, ready, stop, errors, parent_pid: int) -> None:
+def _serve_shared(settings: Settings, start_method: str, ready, stop, errors) -> None:
     import multiprocessing
 
-    from flows.serving import die_with_parent
-
     try:
-        die_with_parent(parent_pid)
         multiprocessing.set_start_method(start_method, force=True)
         with running_shared_flows(settings):
             ready.set()
@@ -408,12 +405,12 @@ def _serve_shared(settings: Settings, start_method: str, ready, stop, errors, pa
 
 @contextlib.contextmanager
 def shared_flows_in_subprocess(settings: Settings, timeout: float = 300.0) -> Iterator[None]:
-    """``running_shared_flows`` in a fresh Python process (started by spawn, as ``flows_in_subprocess``
+    """``running_shared_flows`` in a fresh Python process (``served_in_subprocess``, as ``flows_in_subprocess``
     does for ``clipseek serve``'s flows), stopped on exit."""
     import multiprocessing
 
     from flows.serving import served_in_subprocess
 
     with served_in_subprocess(_serve_shared, "clipseek-shared-flows", timeout, settings,
-                              multiprocessing.get_start_method(), parent_pid=os.getpid()):
+                              multiprocessing.get_start_method()):
         yield

@@ -159,6 +159,52 @@ def test_a_process_whose_parent_is_already_gone_ends():
     assert out.returncode == -signal.SIGTERM, out.stderr
 
 
+@pytest.mark.parametrize("how", ["pidfd", "poll"])
+def test_a_process_started_for_a_caller_not_its_parent_ends_with_that_caller(how):
+    """A fork server's child: its parent (the server) lives on while its caller is killed."""
+    caller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    code = ("import os, sys, time, flows.serving as s\n"
+            "if sys.argv[2] == 'poll':\n    del os.pidfd_open\n"
+            "s.die_with_caller(int(sys.argv[1])); print('watching', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(caller.pid), how], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "watching"
+        time.sleep(0.5)
+        assert child.poll() is None  # the caller lives: so does it
+        caller.kill()
+        caller.wait(10)
+        assert child.wait(ORPHAN_GRACE_S + 5) == -signal.SIGTERM
+    finally:
+        for proc in (caller, child):
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_a_process_started_for_a_caller_already_gone_ends():
+    code = "import os, time, flows.serving as s; s.die_with_caller(os.getppid() + 1_000_000); time.sleep(30)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == -signal.SIGTERM, out.stderr
+
+
+def _write_environment(path, ready, stop, errors):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(os.environ.get("CLIPSEEK_TEST_MARK", "-"))
+    ready.set()
+    stop.wait()
+
+
+def test_a_served_process_gets_its_callers_environment_as_it_is_when_started(tmp_path, monkeypatch):
+    """The fork server behind ``served_in_subprocess`` starts once, with the environment of then."""
+    from flows.serving import served_in_subprocess
+
+    for mark in ("first", "second"):
+        monkeypatch.setenv("CLIPSEEK_TEST_MARK", mark)
+        with served_in_subprocess(_write_environment, "clipseek-env", 120, str(tmp_path / mark)):
+            pass
+        assert (tmp_path / mark).read_text() == mark
+
+
 # A server that locks a workspace, forks a process that holds the lock on for argv[2] seconds, prints its pid
 # and dies.
 DEAD_OWNER = r"""
