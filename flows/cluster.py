@@ -349,8 +349,8 @@ def build_shared_flows(settings: Settings, shard_ports: Optional[Sequence[int]] 
     """(index flow, search flow), not started: the search flow's shards are the index flow's processes."""
     from jina import Flow
 
-    from flows.serving import (EXECUTOR_HOST, INDEX_FLOW, SEARCH_FLOW, dead_pods_close_at_once, flow_config, free_port,
-                               gateway_starts_last, skip_empty_argument_check)
+    from flows.serving import (EXECUTOR_HOST, INDEX_FLOW, SEARCH_FLOW, flow_config, free_port, skip_empty_argument_check,
+                               starting_and_closing_promptly)
 
     skip_empty_argument_check()
 
@@ -367,11 +367,8 @@ def build_shared_flows(settings: Settings, shard_ports: Optional[Sequence[int]] 
                                 workspace=settings.workspace, shards=settings.shards,
                                 encoder_options={**options, "batch_size": None, "allowed_roots": roots})
     search_config = shared_search_config(search_config, [(EXECUTOR_HOST, p) for p in ports])
-    flows = Flow.load_config(index_config), Flow.load_config(search_config)
-    for flow in flows:
-        gateway_starts_last(flow)
-        dead_pods_close_at_once(flow)
-    return flows
+    return (starting_and_closing_promptly(Flow.load_config(index_config)),
+            starting_and_closing_promptly(Flow.load_config(search_config)))
 
 
 @contextlib.contextmanager

@@ -155,6 +155,13 @@ def dead_pods_close_at_once(flow) -> None:
     flow.start = start_then_watch
 
 
+def starting_and_closing_promptly(flow):
+    """``flow`` with ``gateway_starts_last`` and ``dead_pods_close_at_once``: what every clipseek flow gets."""
+    gateway_starts_last(flow)
+    dead_pods_close_at_once(flow)
+    return flow
+
+
 def build_flows(settings: Settings):
     """(index flow, search flow), not started."""
     from jina import Flow
@@ -173,11 +180,8 @@ def build_flows(settings: Settings):
     search_config = flow_config(SEARCH_FLOW, host=settings.host, port=settings.search_port,
                                 workspace=settings.workspace, shards=settings.shards,
                                 encoder_options={**options, "batch_size": None, "allowed_roots": roots})
-    search_flow = Flow.load_config(with_feedback_gateway(search_config))
-    for flow in (index_flow, search_flow):
-        gateway_starts_last(flow)
-        dead_pods_close_at_once(flow)
-    return index_flow, search_flow
+    return (starting_and_closing_promptly(index_flow),
+            starting_and_closing_promptly(Flow.load_config(with_feedback_gateway(search_config))))
 
 
 EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
@@ -230,16 +234,19 @@ def with_feedback_gateway(config: Dict[str, Any]) -> Dict[str, Any]:
     return config
 
 
-def preload() -> None:
-    """Import what every executor needs (torch, transformers, the executors) once, before jina forks them:
-    each executor process then starts with the modules already in its (shared, copy-on-write) memory."""
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    from transformers import CLIPModel  # noqa: F401
+# What every executor needs (torch, transformers, the executors), imported by ``preload``, and by the fork
+# server of ``served_in_subprocess`` for every process it starts.
+EXECUTOR_MODULES = ("torch", "transformers", "transformers.models.clip.modeling_clip",
+                    "executors.clip_image_encoder", "executors.clip_text_encoder", "executors.simple_indexer")
 
-    import executors.clip_image_encoder  # noqa: F401
-    import executors.clip_text_encoder  # noqa: F401
-    import executors.simple_indexer  # noqa: F401
+
+def preload() -> None:
+    """Import what every executor needs once, before jina forks them: each executor process then starts with
+    the modules already in its (shared, copy-on-write) memory."""
+    import importlib
+
+    for name in EXECUTOR_MODULES:
+        importlib.import_module(name)
 
 
 LOG_FILE = "clipseek.log"
@@ -345,7 +352,12 @@ def die_with_parent(parent_pid: int) -> bool:
 def _watch_parent(parent_pid: int, signalled_by_kernel: bool) -> None:
     while os.getppid() == parent_pid:
         time.sleep(PARENT_POLL_S)
-    if not signalled_by_kernel:
+    _end_as_orphan(signal_first=not signalled_by_kernel)
+
+
+def _end_as_orphan(signal_first: bool) -> None:
+    """``ORPHAN_SIGNAL`` to this process (unless the kernel sends it), then SIGKILL ``ORPHAN_GRACE_S`` later."""
+    if signal_first:
         os.kill(os.getpid(), ORPHAN_SIGNAL)
     time.sleep(ORPHAN_GRACE_S)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -365,18 +377,14 @@ def _watch_caller(pid: int) -> None:
     try:
         handle = os.pidfd_open(pid)
     except ProcessLookupError:
-        handle = None
+        pass  # already gone
     except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): asked twice a second
-        handle = -1
-    if handle is not None and handle >= 0:
-        select.select([handle], [], [])  # readable once the process has exited
-        os.close(handle)
-    elif handle == -1:
         while _alive(pid):
             time.sleep(PARENT_POLL_S)
-    os.kill(os.getpid(), ORPHAN_SIGNAL)
-    time.sleep(ORPHAN_GRACE_S)
-    os.kill(os.getpid(), signal.SIGKILL)
+    else:
+        select.select([handle], [], [])  # readable once the process has exited
+        os.close(handle)
+    _end_as_orphan(signal_first=True)
 
 
 def _before_fork() -> None:
@@ -663,9 +671,8 @@ def _serve_until_stopped(settings: Settings, start_method: str, ready, stop, err
     import multiprocessing
 
     try:
-        # A spawned process defaults to spawning its own children; jina starts the executors the way the
-        # parent would have (fork on Linux), from this process, which runs no threads yet but the (sleeping,
-        # lock-free) watch of its parent.
+        # jina starts the executors the way the caller would have (fork on Linux), from this process, which
+        # runs no threads yet but the (sleeping, lock-free) watches of its parent and its caller.
         multiprocessing.set_start_method(start_method, force=True)
         with running_flows(settings, log_file, lock=lock):
             ready.set()
@@ -694,11 +701,10 @@ def flows_in_subprocess(settings: Settings, timeout: float = 300.0, log_file: Op
         yield
 
 
-# What a process started by ``served_in_subprocess`` imports before it runs: with a fork server these are
-# imported once, in the server, and every process it starts afterwards has them (~5 s on 2 vCPUs).
-PRELOADED_MODULES = ["torch", "transformers", "transformers.models.clip.modeling_clip", "jina",
-                     "executors.clip_image_encoder", "executors.clip_text_encoder", "executors.simple_indexer",
-                     "flows.serving", "flows.cluster"]
+# What a process started by ``served_in_subprocess`` imports before it runs (the executors' modules and the
+# flows' targets): with a fork server these are imported once, in the server, and every process it starts
+# afterwards has them (~5 s on 2 vCPUs).
+PRELOADED_MODULES = [*EXECUTOR_MODULES, "jina", "flows.serving", "flows.cluster"]
 
 
 def subprocess_context():
