@@ -7,7 +7,8 @@ from typing import Dict, Optional
 from docarray import DocList
 from jina import Executor, requests
 
-from executors.models.loading import batched, check_positive_int, default_model, load_clip, text_embeddings
+from executors.models.loading import (batched, check_positive_int, default_model, load_clip, on_model_thread_async,
+                                      text_embeddings)
 from executors.docs import TextQuery
 from executors.params import as_text, at_most_default, request_options, traverse
 
@@ -54,8 +55,20 @@ class CLIPTextEncoder(Executor):
     def _load(self, options):
         return load_clip(options["pretrained_model_name_or_path"], options["device"], options["dtype"], with_tokenizer=True)
 
+    # The endpoints are coroutines that hand the whole request to the model thread (on_model_thread_async);
+    # ``encode`` and ``encode_labels`` are the same work called directly.
     @requests(on="/search")
+    async def serve_search(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None,
+                           **kwargs) -> DocList[TextQuery]:
+        return await on_model_thread_async(self.encode, docs, parameters)
+
+    @requests(on="/classify")
+    async def serve_classify(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None,
+                             **kwargs) -> DocList[TextQuery]:
+        return await on_model_thread_async(self.encode_labels, docs, parameters)
+
     def encode(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None, **kwargs) -> DocList[TextQuery]:
+        """Embeds the queries' texts and their parts' texts in place; returns ``docs``."""
         options = request_options(self.defaults, parameters, REQUEST_OPTIONS)
         targets = []
         for doc in traverse(docs, options["access_paths"]):
@@ -66,7 +79,6 @@ class CLIPTextEncoder(Executor):
         self._embed(targets, options)
         return docs
 
-    @requests(on="/classify")
     def encode_labels(self, docs: DocList[TextQuery], parameters: Optional[Dict] = None, **kwargs) -> DocList[TextQuery]:
         """Zero-shot labels: each query's ``parts`` are label names, embedded as ``template.format(label)``."""
         options = request_options(self.defaults, parameters, REQUEST_OPTIONS)

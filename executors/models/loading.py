@@ -436,16 +436,35 @@ def on_model_thread(fn, *args, **kwargs):
     36 ms per query called from a pool of threads with pauses between calls, 23-28 ms called
     from one thread (2 vCPUs). Calls made on that thread already run directly.
     """
-    global _model_thread
     if threading.current_thread().name.startswith(MODEL_THREAD):
         return fn(*args, **kwargs)
+    return _model_pool().submit(fn, *args, **kwargs).result()
+
+
+async def on_model_thread_async(fn, *args, **kwargs):
+    """``on_model_thread`` for a coroutine: ``fn`` runs on the model thread while the event loop goes on.
+
+    A sync jina endpoint runs on a thread of jina's pool, which then hands the model's part to the model
+    thread and waits: two thread switches per request. An async endpoint that hands its whole work here
+    makes one (the search flow's two executors: 0.45 ms less per query, measured with no-op executors).
+    """
+    import asyncio
+    import functools
+
+    if threading.current_thread().name.startswith(MODEL_THREAD):
+        return fn(*args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_model_pool(), functools.partial(fn, *args, **kwargs))
+
+
+def _model_pool():
+    """The one-thread pool that runs the models, made at the first call."""
+    global _model_thread
     with _model_thread_lock:
         if _model_thread is None:
             from concurrent.futures import ThreadPoolExecutor
 
             _model_thread = ThreadPoolExecutor(1, thread_name_prefix=MODEL_THREAD)
-        pool = _model_thread
-    return pool.submit(fn, *args, **kwargs).result()
+        return _model_thread
 
 
 def image_embeddings(clip: LoadedClip, pixel_values) -> "Any":

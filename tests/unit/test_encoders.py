@@ -13,7 +13,7 @@ from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 from executors.clip_image_encoder import CLIPImageEncoder
 from executors.models.loading import ModelLoadError, load_clip
 from executors.clip_text_encoder import CLIPTextEncoder
-from executors.docs import STATUS_FAILED, ImageInput, TextQuery
+from executors.docs import STATUS_FAILED, ImageInput, QueryPart, TextQuery
 
 from tests.conftest import draw_picture
 
@@ -53,6 +53,46 @@ def test_image_parity_with_transformers(image_encoder, reference, picture_dir):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     cosines = (_unit(got) * expected).sum(axis=1)
     assert cosines.min() >= 0.9999, cosines
+
+
+def test_served_text_endpoints_run_the_whole_request_on_the_model_thread(text_encoder, monkeypatch):
+    """/search and /classify are coroutines that hand the request to the model thread in one step (no
+    thread of jina's pool in between): the work runs there, and the event loop is free meanwhile."""
+    import asyncio
+    import threading
+
+    from executors.models.loading import MODEL_THREAD
+
+    ran_on = []
+    for name in ("encode", "encode_labels"):
+        work = getattr(CLIPTextEncoder, name)
+
+        def spy(self, *args, _work=work, **kwargs):
+            ran_on.append(threading.current_thread().name)
+            return _work(self, *args, **kwargs)
+
+        monkeypatch.setattr(CLIPTextEncoder, name, spy)
+
+    async def both():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.ensure_future(tick())
+        found = await text_encoder.serve_search(DocList[TextQuery]([TextQuery(text="a red circle")]))
+        labels = await text_encoder.serve_classify(
+            DocList[TextQuery]([TextQuery(parts=DocList[QueryPart]([QueryPart(text="cat"), QueryPart(text="dog")]))]))
+        ticker.cancel()
+        return found, labels, ticks
+
+    found, labels, ticks = asyncio.run(both())
+    assert found[0].embedding is not None and all(p.embedding is not None for p in labels[0].parts)
+    assert [n.startswith(MODEL_THREAD) for n in ran_on] == [True, True], ran_on
+    assert ticks > 0  # the loop ran other work while the model thread encoded
 
 
 def test_text_parity_with_transformers(text_encoder, reference):

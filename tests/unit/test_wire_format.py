@@ -96,3 +96,28 @@ def test_a_field_it_cannot_write_is_named():
     object.__setattr__(hit, "tags", {"bad": object()})
     with pytest.raises(ValueError, match="tags"):
         hit.to_protobuf()
+
+
+class OddQuery(BaseDoc):
+    """A sender's schema with a field TextQuery does not have, and one whose type it does not take."""
+
+    text: Optional[str] = None
+    unknown_field: Optional[PlainHit] = None  # a nested document: reading it would need a type for it
+
+
+def test_fields_the_schema_does_not_have_are_skipped_as_docarray_skips_them():
+    sent = IOMixin.to_protobuf(OddQuery(id="o", text="cat", unknown_field=PlainHit(uri="x" * 1000)))
+    ours, docarrays = TextQuery.from_protobuf(sent), IOMixin.from_protobuf.__func__(TextQuery, sent)
+    assert (ours.id, ours.text) == (docarrays.id, docarrays.text) == ("o", "cat")
+    assert not hasattr(ours, "unknown_field") and not hasattr(docarrays, "unknown_field")
+
+
+def test_a_field_of_the_wrong_type_is_refused_as_docarray_refuses_it():
+    class WrongWeight(BaseDoc):
+        weight: str = "heavy"
+
+    sent = IOMixin.to_protobuf(WrongWeight(id="w"))
+    with pytest.raises(ValueError, match="weight"):
+        QueryPart.from_protobuf(sent)
+    with pytest.raises(ValueError, match="weight"):
+        IOMixin.from_protobuf.__func__(QueryPart, sent)
