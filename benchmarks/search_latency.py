@@ -8,7 +8,8 @@ IndexFlatIP on the same vectors, all in one run.
     python benchmarks/search_latency.py --precisions float32,bfloat16,int8,auto --sizes 10000   # side by side
 
 With ``--precisions`` the run first serves the flows once per precision at the smallest size and prints
-each one's served query, its text encoder alone, and the cosine of its query embeddings to float32's.
+each one's served query, its text encoder alone, and the cosine of its query embeddings to float32's; the
+served queries take turns with the torch float32 text tower alone, so their ratio is of the same minutes.
 A named precision runs the text tower on torch; ``auto`` runs it as the server's default does (on a CPU
 with onnxruntime installed: ONNX Runtime, in int8 where that measures faster and keeps the embeddings, else
 float32), so its row compares that with torch float32 alone.
@@ -44,7 +45,8 @@ def unit_rows(rng, n: int, dim: int) -> np.ndarray:
     return x
 
 
-def latencies(fn, items, warmup: int = 3):
+def timings(fn, items, warmup: int = 3):
+    """Seconds of ``fn(item)`` for each item, after ``warmup`` untimed calls."""
     for item in items[:warmup]:
         fn(item)
     out = []
@@ -52,7 +54,11 @@ def latencies(fn, items, warmup: int = 3):
         t0 = time.perf_counter()
         fn(item)
         out.append(time.perf_counter() - t0)
-    return percentiles(out)
+    return out
+
+
+def latencies(fn, items, warmup: int = 3):
+    return percentiles(timings(fn, items, warmup))
 
 
 def text_child(model_dir: str, queries: int, dtype: str = "float32") -> None:
@@ -64,11 +70,12 @@ def text_child(model_dir: str, queries: int, dtype: str = "float32") -> None:
 
     clip = load_clip(model_dir, "cpu", dtype, with_tokenizer=True)
     texts = query_texts(queries)
-    p50, p99 = latencies(lambda t: text_embeddings(clip, [t]), texts)
+    seconds = timings(lambda t: text_embeddings(clip, [t]), texts)
+    p50, p99 = percentiles(seconds)
     vectors = [text_embeddings(clip, [t])[0].tolist() for t in texts]
     import torch
 
-    print(json.dumps({"p50": p50, "p99": p99, "vectors": vectors, "threads": torch.get_num_threads(),
+    print(json.dumps({"p50": p50, "p99": p99, "seconds": seconds, "vectors": vectors, "threads": torch.get_num_threads(),
                       "runtime": "onnxruntime" if clip.text_tower is not None else "torch", "precision": clip.precision}))
 
 
@@ -89,9 +96,17 @@ def numpy_top_k(data: np.ndarray, q: np.ndarray, k: int = 10):
     return part[np.argsort(-scores[part])]
 
 
+# The served queries of a precision and the torch float32 text tower alone take turns this many times, each
+# turn all the queries: on a shared VM whose speed drifts by tens of percent between minutes, the ratio of the
+# two then compares figures of the same minutes.
+TURNS = 3
+
+
 def precision_table(model_dir: str, name: str, precisions, size: int, texts, reference, args, report: Results) -> None:
     """One served search flow per precision over the same ``size`` vectors: the query through the client,
-    the text encoder alone in that precision, and how close its query embeddings are to float32's."""
+    the text encoder alone in that precision, and how close its query embeddings are to float32's. The
+    served queries alternate with runs of the torch float32 text tower alone (``TURNS``), and the ratio
+    "served / float32 encoder" is of the two p50s over all turns."""
     from clipseek.client import ClipseekClient
     from executors.store.vector_store import Record, VectorStore
     from flows.serving import flows_in_subprocess, free_port
@@ -99,7 +114,7 @@ def precision_table(model_dir: str, name: str, precisions, size: int, texts, ref
 
     dim = len(next(iter(reference.values())))
     data = unit_rows(np.random.default_rng(0), size, dim)
-    f32_text = encode_texts(model_dir, args.queries, "float32")["p50"]
+    f32_seconds = []
     rows = []
     for dtype in precisions:
         encoded = encode_texts(model_dir, args.queries, dtype)
@@ -115,18 +130,25 @@ def precision_table(model_dir: str, name: str, precisions, size: int, texts, ref
                     writer.upsert(data, [Record(id=f"v{i}", uri=f"/synthetic/{i}.jpg") for i in range(size)], model=name)
                 finally:
                     writer.close()
-                flow = latencies(lambda t: client.search(t, limit=args.limit), texts)
+                served, alone = [], []
+                for _ in range(TURNS):
+                    served += timings(lambda t: client.search(t, limit=args.limit), texts)
+                    alone += encode_texts(model_dir, args.queries, "float32")["seconds"]
+        flow, f32 = percentiles(served), percentiles(alone)
+        f32_seconds += alone
         label = dtype if dtype != "auto" else f"auto: {encoded['runtime']} {encoded['precision']}"
         rows.append([label, f"{flow[0]:.2f} / {flow[1]:.2f}", f"{encoded['p50']:.2f} / {encoded['p99']:.2f}",
-                     f"{flow[0] / encoded['p50']:.2f}", f"{flow[0] / f32_text:.2f}", f"{f32_text / encoded['p50']:.2f}",
-                     f"{cosines.min():.5f}"])
+                     f"{f32[0]:.2f} / {f32[1]:.2f}", f"{flow[0] / encoded['p50']:.2f}", f"{flow[0] / f32[0]:.2f}",
+                     f"{f32[0] / encoded['p50']:.2f}", f"{cosines.min():.5f}"])
         print(table(HEADERS, rows[-1:]), flush=True)
-    report.table(f"One text query by precision, {size:,} vectors, top-{args.limit}, p50 / p99 ms ({args.queries} queries; "
-                 f"float32 text encoder alone p50 {f32_text:.2f} ms)", HEADERS, rows)
+    report.table(f"One text query by precision, {size:,} vectors, top-{args.limit}, p50 / p99 ms ({args.queries} queries "
+                 f"{TURNS} times, each time followed by the torch float32 text encoder alone on the same queries: "
+                 f"p50 {percentiles(f32_seconds)[0]:.2f} ms over all of them)", HEADERS, rows)
 
 
-HEADERS = ["precision", "served query (client, gRPC, flow)", "text encoder alone", "served / its encoder",
-           "served / float32 encoder", "float32 encoder / this encoder", "min cosine to float32"]
+HEADERS = ["precision", "served query (client, gRPC, flow)", "text encoder alone",
+           "float32 encoder alone, between the served runs", "served / its encoder", "served / float32 encoder",
+           "float32 encoder / this encoder", "min cosine to float32"]
 
 
 def main():
