@@ -1,6 +1,8 @@
 """Shared fixtures: a small CLIP built offline and saved like a hub model, and images on disk."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,6 +11,15 @@ os.environ.setdefault("JINA_LOG_LEVEL", "WARNING")
 # export cached (executors/models/onnx_text.py): the tests keep both in a folder of their own, so that every
 # server they start in one run decides alike and exports once, and ~/.cache is left alone.
 _CACHE = tempfile.mkdtemp(prefix="clipseek-tests-")
+_CACHE_OWNER = os.getpid()
+
+
+@atexit.register
+def _remove_cache() -> None:
+    if os.getpid() == _CACHE_OWNER:  # not in a forked child that happens to run exit handlers
+        shutil.rmtree(_CACHE, ignore_errors=True)
+
+
 os.environ.setdefault("CLIPSEEK_PRECISION_CACHE", os.path.join(_CACHE, "precision.json"))
 os.environ.setdefault("CLIPSEEK_ONNX_CACHE", os.path.join(_CACHE, "onnx"))  # exported text towers, likewise
 
