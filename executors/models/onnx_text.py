@@ -6,8 +6,9 @@ both AVX2 and AVX512 CPUs (benchmarks/search_latency.py prints both side by side
 the first load from the model the encoder has just loaded (``torch.onnx.export``, TorchScript exporter,
 dynamic batch and length), checked against that model on a sample text, and cached in
 ``cache_folder()`` under a key of the model's files (their names, sizes and times), the exported inputs,
-torch's and ONNX Runtime's versions: a changed model or a new runtime exports again. A model whose export
-fails or disagrees keeps running on torch (logged); ``CLIPSEEK_TEXT_RUNTIME=torch`` asks for torch always.
+torch's and ONNX Runtime's versions: a changed model or a new runtime exports again, and making a new file
+removes those not opened for ``CACHE_KEEP_DAYS`` (``prune_cache``). A model whose export fails or disagrees
+keeps running on torch (logged); ``CLIPSEEK_TEXT_RUNTIME=torch`` asks for torch always.
 
 A short query is bound by reading the tower's weights (150 MB in float32 for ViT-B/32's text tower), so
 ``auto`` also tries an int8 copy of the export (``quantize_int8``: each weight matrix in 8 bits with one scale
@@ -135,14 +136,68 @@ def _cached(path: str, make: Callable[[str], Any], open_file: Callable[[str], T]
                 _write_whole(path, make, what)
                 made = True
             try:
-                return open_file(path), made
+                opened = open_file(path)
             except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: a damaged file is made again
                 os.unlink(path)
                 if made:
                     raise RuntimeError(f"ONNX Runtime cannot read the {what}: {_first_line(e)}") from None
                 logger.warning("cached %s %s is unreadable (%s); making it again", what, path, _first_line(e))
+                continue
+            if made:
+                prune_cache(os.path.dirname(path), keep=path)
+            else:
+                _touch(path)  # in use: prune_cache keeps it
+            return opened, made
     finally:
         os.close(lock)
+
+
+# An exported file no server has opened for this many days is removed when a new one is made: a new torch,
+# ONNX Runtime or model makes new files under new keys, and the old ones (hundreds of MB for ViT-B/32) would
+# otherwise stay for good.
+CACHE_KEEP_DAYS = 30
+
+
+def prune_cache(folder: str, keep: str, keep_days: float = CACHE_KEEP_DAYS) -> list:
+    """Remove the exported files (``*.onnx``) of ``folder`` last opened more than ``keep_days`` ago, except
+    ``keep`` and any whose lock another process holds (one being made). Returns the paths removed."""
+    import time
+
+    cutoff = time.time() - keep_days * 86400
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(folder, name)
+        if not name.endswith(".onnx") or os.path.abspath(path) == os.path.abspath(keep):
+            continue
+        try:
+            if os.stat(path).st_mtime >= cutoff:
+                continue
+            lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+            os.unlink(path + ".lock")
+            removed.append(path)
+        except OSError:  # being made or read right now, or gone already
+            pass
+        finally:
+            os.close(lock)
+    if removed:
+        logger.info("removed %d exported file(s) unused for %d days from %s", len(removed), keep_days, folder)
+    return removed
+
+
+def _touch(path: str) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _write_whole(path: str, make: Callable[[str], Any], what: str) -> None:

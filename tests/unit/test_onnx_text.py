@@ -237,3 +237,49 @@ def test_a_cached_file_is_written_whole_or_not_at_all(tmp_path):
     with pytest.raises(RuntimeError, match="ONNX Runtime cannot read the int8 text tower: cannot parse"):
         onnx_text._cached(path, lambda dst: made.append(open(dst, "wb").close()), unreadable, "int8 text tower")
     assert len(made) == 1 and not os.path.exists(path)  # made once, read back, refused and removed
+
+
+def _file(folder, name, days_old=0.0):
+    path = folder / name
+    path.write_bytes(b"an export")
+    (folder / f"{name}.lock").write_bytes(b"")
+    if days_old:
+        old = os.path.getmtime(path) - days_old * 86400
+        os.utime(path, (old, old))
+    return str(path)
+
+
+def test_making_a_new_export_removes_the_ones_unused_for_a_month(tmp_path):
+    import fcntl
+
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    stale = _file(folder, "text-old.onnx", days_old=onnx_text.CACHE_KEEP_DAYS + 5)
+    recent = _file(folder, "text-recent.onnx", days_old=onnx_text.CACHE_KEEP_DAYS - 5)
+    busy = _file(folder, "text-busy.onnx", days_old=onnx_text.CACHE_KEEP_DAYS + 5)
+    (folder / "notes.txt").write_text("not an export")
+    os.utime(folder / "notes.txt", (1, 1))
+    held = os.open(busy + ".lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another process is making or reading it
+    try:
+        tower, made = onnx_text._cached(str(folder / "text-new.onnx"),
+                                        lambda dst: open(dst, "wb").write(b"new"), open, "text tower export")
+        tower.close()
+    finally:
+        os.close(held)
+    assert made
+    assert sorted(os.listdir(folder)) == ["notes.txt", "text-busy.onnx", "text-busy.onnx.lock", "text-new.onnx",
+                                          "text-new.onnx.lock", "text-recent.onnx", "text-recent.onnx.lock"]
+    assert not os.path.exists(stale) and os.path.exists(recent)
+
+
+def test_an_export_read_from_the_cache_counts_as_used(tmp_path):
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    used = _file(folder, "text-used.onnx", days_old=onnx_text.CACHE_KEEP_DAYS + 5)
+    tower, made = onnx_text._cached(used, lambda dst: pytest.fail("made again"), open, "text tower export")
+    tower.close()
+    assert not made
+    onnx_text._cached(str(folder / "text-new.onnx"), lambda dst: open(dst, "wb").close(), open,
+                      "text tower export")[0].close()
+    assert os.path.exists(used)  # opened today: kept
