@@ -35,6 +35,7 @@ import grpc
 from jina.serve.runtimes.gateway.grpc import GRPCGateway
 
 from executors.shard_merger import FEEDBACK_VECTORS, VECTORS_ENDPOINT
+from flows.gateway import ClipseekGateway
 from flows.settings import PROJECT_ROOT, Settings
 
 INDEXER = "indexer"
@@ -244,7 +245,7 @@ class _UnaryFailures(grpc.aio.ServerInterceptor):
                                                    response_serializer=handler.response_serializer)
 
 
-class FeedbackGateway(GRPCGateway):
+class FeedbackGateway(ClipseekGateway):
     """jina's gRPC gateway for a search flow whose indexer has several shards: a search's liked and disliked
     ids get their vectors from whichever shard keeps them (``_FeedbackVectors``), and a request that a shard
     it could not reach failed ends with an error naming that shard (``_UnaryFailures``)."""

@@ -174,14 +174,14 @@ def build_flows(settings: Settings):
                "url_timeout": settings.url_timeout, "max_download_bytes": settings.max_download_bytes,
                "allow_private_urls": settings.allow_private_urls or None}
     roots = None if settings.allowed_roots is None else [os.path.abspath(os.path.expanduser(r)) for r in settings.allowed_roots]
-    index_flow = Flow.load_config(flow_config(INDEX_FLOW, host=settings.host, port=settings.index_port,
-                                                 workspace=settings.workspace, shards=settings.shards,
-                                                 encoder_options={**options, "allowed_roots": roots}))
+    index_config = flow_config(INDEX_FLOW, host=settings.host, port=settings.index_port,
+                               workspace=settings.workspace, shards=settings.shards,
+                               encoder_options={**options, "allowed_roots": roots})
     search_config = flow_config(SEARCH_FLOW, host=settings.host, port=settings.search_port,
                                 workspace=settings.workspace, shards=settings.shards,
                                 encoder_options={**options, "batch_size": None, "allowed_roots": roots})
-    return (starting_and_closing_promptly(index_flow),
-            starting_and_closing_promptly(Flow.load_config(with_feedback_gateway(search_config))))
+    return (starting_and_closing_promptly(Flow.load_config(with_gateway(index_config))),
+            starting_and_closing_promptly(Flow.load_config(with_gateway(search_config, search=True))))
 
 
 EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
@@ -225,13 +225,15 @@ def draw_internal_ports_outside_ephemeral() -> None:
 FEEDBACK_GATEWAY = {"uses": "FeedbackGateway", "py_modules": ["flows.cluster"]}
 
 
-def with_feedback_gateway(config: Dict[str, Any]) -> Dict[str, Any]:
-    """A search flow config whose indexer has several shards with ``FEEDBACK_GATEWAY`` as its gateway; one
-    shard keeps every vector itself, and its flow keeps jina's own gateway."""
+def with_gateway(config: Dict[str, Any], *, search: bool = False) -> Dict[str, Any]:
+    """A flow config with clipseek's gateway: ``FEEDBACK_GATEWAY`` for a search flow whose indexer has several
+    shards (one shard keeps every vector itself), else ``CLIPSEEK_GATEWAY``; both answer a single request
+    without the thread hand-offs of jina's own (flows/gateway.py)."""
+    from flows.gateway import CLIPSEEK_GATEWAY
+
     shards = max([int(e.get("shards", 1)) for e in config.get("executors", [])] or [1])
-    if shards > 1:
-        config = {**config, "gateway": {**(config.get("gateway") or {}), **FEEDBACK_GATEWAY}}
-    return config
+    gateway = FEEDBACK_GATEWAY if search and shards > 1 else CLIPSEEK_GATEWAY
+    return {**config, "gateway": {**(config.get("gateway") or {}), **gateway}}
 
 
 # What every executor needs (torch, transformers, the executors), imported by ``preload``, and by the fork
@@ -648,8 +650,9 @@ def running_flows(settings: Settings, log_file: Optional[str] = None, lock: bool
             outer.enter_context(workspace_lock(settings))
         outer.enter_context(children_die_with_this_process())
         check_workspace(settings)
-        if log_file:  # the executors' own account (the model, its precision and why) goes to the log file
+        if log_file:  # the executors' own account (the model, its precision and why) goes to the log file,
             outer.enter_context(_logger_level("executors", logging.INFO))
+            outer.enter_context(_logger_level("flows.gateway", logging.INFO))  # and the gateways'
         with output_to(log_file):
             preload()
             index_flow, search_flow = build_flows(settings)

@@ -132,6 +132,8 @@ def test_demo_command_prints_hits_and_writes_a_grid(tmp_path):
     assert "Flow is ready" in log  # jina's own lines
     # what auto chose for each tower, and why, is there without -v
     assert "auto on cpu for the image tower: measured" in log and "auto on cpu for the text tower:" in log, log[-3000:]
+    # both flows run clipseek's gateway, which routes a single request without thread hand-offs (flows/gateway.py)
+    assert log.count("ClipseekGateway: single requests are routed on the event loop") == 2, log[-3000:]
     assert f"their logs go to {tmp_path / 'demo' / 'clipseek.log'}" in out.stdout
 
 

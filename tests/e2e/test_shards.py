@@ -13,7 +13,7 @@ from clipseek.client import ClipseekClient, ClipseekError, expand_sources
 from executors.docs import IndexStatus, TextQuery
 from executors.images.imaging import uri_id
 from executors.simple_indexer import shard_of
-from flows.serving import INDEX_FLOW, SEARCH_FLOW, flow_config, flows_in_subprocess, free_port, with_feedback_gateway
+from flows.serving import INDEX_FLOW, SEARCH_FLOW, flow_config, flows_in_subprocess, free_port, with_gateway
 from flows.settings import Settings
 
 
@@ -53,9 +53,12 @@ def test_flow_yamls_declare_replicas_and_shards():
         assert indexer["shards"] == 1 and "uses_after" not in indexer and "polling" not in indexer
     # with several shards the search flow's gateway fetches the vectors of liked ids from every shard first
     sharded = flow_config(SEARCH_FLOW, host="127.0.0.1", port=1, workspace="/tmp/x", encoder_options={}, shards=2)
-    assert with_feedback_gateway(sharded)["gateway"] == {"uses": "FeedbackGateway", "py_modules": ["flows.cluster"]}
+    assert with_gateway(sharded, search=True)["gateway"] == {"uses": "FeedbackGateway", "py_modules": ["flows.cluster"]}
+    # every other flow (one shard, or the index flow) runs ClipseekGateway: single requests without thread hand-offs
     single = flow_config(SEARCH_FLOW, host="127.0.0.1", port=1, workspace="/tmp/x", encoder_options={}, shards=1)
-    assert "gateway" not in with_feedback_gateway(single)
+    assert with_gateway(single, search=True)["gateway"] == {"uses": "ClipseekGateway", "py_modules": ["flows.gateway"]}
+    sharded_index = flow_config(INDEX_FLOW, host="127.0.0.1", port=1, workspace="/tmp/x", encoder_options={}, shards=2)
+    assert with_gateway(sharded_index)["gateway"] == {"uses": "ClipseekGateway", "py_modules": ["flows.gateway"]}
 
 
 def test_two_shards_give_the_same_top_k_as_one(tiny_model, tmp_path):
