@@ -4,8 +4,10 @@ jina's gateway answers a unary request (``process_single_data``, the call clipse
 search, index batch and status) by streaming a one-item list iterator through its ``RequestStreamer``, which
 reads each item of a plain iterator in a thread of the event loop's default executor, so that a client's
 blocking generator cannot stall the loop. For a list iterator that never blocks this costs two thread
-hand-offs per request (the item, then the end of the list); on 2 vCPUs they were 1.5-2 ms of a 9.5 ms query
-through a flow of two executors that do nothing. ``ClipseekGateway`` reads such iterators on the loop itself.
+hand-offs per request (the item, then the end of the list): without them a flow of two executors that do
+nothing took 0.95x the time, of three 0.92x (``benchmarks/gateway_floor.py``, 2 vCPUs, AVX2).
+``ClipseekGateway`` reads such iterators on the loop itself; ``flows.serving.with_gateway`` names it in
+every flow config ``clipseek serve`` builds.
 Requests that stream from a client (jina's ``Client.post``) arrive as an async iterator and were never sent to
 a thread; they are unchanged.
 """
@@ -18,9 +20,6 @@ from typing import Any
 from jina.serve.runtimes.gateway.grpc import GRPCGateway
 
 logger = logging.getLogger(__name__)
-
-# What a flow config's ``gateway`` entry names to run ``ClipseekGateway`` (``flows.serving.with_gateway``).
-CLIPSEEK_GATEWAY = {"uses": "ClipseekGateway", "py_modules": ["flows.gateway"]}
 
 
 def read_single_requests_on_loop(request_handler: Any) -> bool:

@@ -223,14 +223,14 @@ def draw_internal_ports_outside_ephemeral() -> None:
 # The search flow's gateway where its indexer has several shards: a search's liked and disliked ids get the
 # vectors of whichever shard keeps them, so every shard builds the same query vector (flows/cluster.py).
 FEEDBACK_GATEWAY = {"uses": "FeedbackGateway", "py_modules": ["flows.cluster"]}
+# Every other flow's gateway: jina's, answering a single request without thread hand-offs (flows/gateway.py).
+CLIPSEEK_GATEWAY = {"uses": "ClipseekGateway", "py_modules": ["flows.gateway"]}
 
 
 def with_gateway(config: Dict[str, Any], *, search: bool = False) -> Dict[str, Any]:
     """A flow config with clipseek's gateway: ``FEEDBACK_GATEWAY`` for a search flow whose indexer has several
     shards (one shard keeps every vector itself), else ``CLIPSEEK_GATEWAY``; both answer a single request
     without the thread hand-offs of jina's own (flows/gateway.py)."""
-    from flows.gateway import CLIPSEEK_GATEWAY
-
     shards = max([int(e.get("shards", 1)) for e in config.get("executors", [])] or [1])
     gateway = FEEDBACK_GATEWAY if search and shards > 1 else CLIPSEEK_GATEWAY
     return {**config, "gateway": {**(config.get("gateway") or {}), **gateway}}
