@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import random
 import select
 import signal
 import socket
@@ -203,6 +204,27 @@ def internal_port_range(path: str = EPHEMERAL_RANGE_FILE) -> Optional[Tuple[int,
     return None
 
 
+def _split_internal_range() -> Optional[Tuple[Tuple[int, int], Tuple[int, int]]]:
+    span = internal_port_range()
+    if span is None:
+        return None
+    cut = span[0] + (span[1] - span[0] + 1) // 4
+    return (span[0], cut - 1), (cut, span[1])
+
+
+def pod_port_range() -> Optional[Tuple[int, int]]:
+    """The upper three quarters of ``internal_port_range()``: where jina draws the internal pods' ports."""
+    split = _split_internal_range()
+    return None if split is None else split[1]
+
+
+def listening_port_range() -> Optional[Tuple[int, int]]:
+    """The lower quarter of ``internal_port_range()``: where ``free_port`` draws, so that a port handed out for a
+    gateway or a web page can be taken neither by an outgoing connection nor by a pod jina draws meanwhile."""
+    split = _split_internal_range()
+    return None if split is None else split[0]
+
+
 def draw_internal_ports_outside_ephemeral() -> None:
     """Make jina draw the internal pods' ports from ``internal_port_range()``. jina draws them (by default from
     49153-65535) when a flow is built and the pod binds one when it starts; a port of the ephemeral range could
@@ -210,7 +232,7 @@ def draw_internal_ports_outside_ephemeral() -> None:
     (PortAlreadyUsed). JINA_RANDOM_PORT_MIN / _MAX set by the user are kept."""
     if "JINA_RANDOM_PORT_MIN" in os.environ or "JINA_RANDOM_PORT_MAX" in os.environ:
         return
-    span = internal_port_range()
+    span = pod_port_range()
     if span is None:
         return
     os.environ["JINA_RANDOM_PORT_MIN"], os.environ["JINA_RANDOM_PORT_MAX"] = str(span[0]), str(span[1])
@@ -763,7 +785,24 @@ def served_in_subprocess(target, name: str, timeout: float, *args, **kwargs) -> 
             process.join(30)
 
 
+def _binds(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port on ``host`` that binds now, drawn from ``listening_port_range()``: a port of the kernel's ephemeral
+    range could be taken as the local end of any outgoing connection before the server binds it
+    (PortAlreadyUsed), and the pods' ports are drawn elsewhere. Where that range is unknown, one the OS picks."""
+    span = listening_port_range()
+    if span is not None:
+        for port in random.sample(range(span[0], span[1] + 1), min(200, span[1] - span[0] + 1)):
+            if _binds(host, port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]

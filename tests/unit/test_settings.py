@@ -111,3 +111,27 @@ def test_the_internal_port_range_leaves_the_ephemeral_one(tmp_path):
     assert span("32768\t60999\n") == (61000, 65535)
     assert span("40000 65000") == (10000, 39999)
     assert span("10500 65000") is None and span("garbage") is None and internal_port_range(str(tmp_path / "none")) is None
+
+
+def test_free_ports_leave_the_ephemeral_range_and_the_pods_ports(monkeypatch):
+    """A test's gateway port drawn by the OS comes from the ephemeral range, and an outgoing connection took
+    one before the flow bound it (PortAlreadyUsed); nor may it be a port jina could draw for a pod."""
+    import socket
+
+    from flows import serving
+
+    if serving.internal_port_range() is None:
+        pytest.skip(f"no ephemeral port range to read at {serving.EPHEMERAL_RANGE_FILE}")
+    with open(serving.EPHEMERAL_RANGE_FILE) as f:
+        low, high = map(int, f.read().split()[:2])
+    listening, pods = serving.listening_port_range(), serving.pod_port_range()
+    assert listening[1] < pods[0] and listening[0] >= serving.internal_port_range()[0]
+    ports = [serving.free_port() for _ in range(20)]
+    assert all(listening[0] <= p <= listening[1] for p in ports), (listening, ports)
+    assert not [p for p in ports if low <= p <= high or pods[0] <= p <= pods[1]]
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:  # a port in use is never handed out
+        held.bind(("127.0.0.1", ports[0]))
+        held.listen()
+        monkeypatch.setattr(serving, "listening_port_range", lambda: (ports[0], ports[0] + 1))
+        assert {serving.free_port() for _ in range(10)} == {ports[0] + 1}
