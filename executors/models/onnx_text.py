@@ -13,10 +13,12 @@ keeps running on torch (logged); ``CLIPSEEK_TEXT_RUNTIME=torch`` asks for torch 
 A short query is bound by reading the tower's weights (150 MB in float32 for ViT-B/32's text tower), so
 ``auto`` also tries an int8 copy of the export (``quantize_int8``: each weight matrix in 8 bits with one scale
 per output column, activations quantized per call, each text run on its own so its embedding never depends
-on its batch). The weights' encoding follows the CPU (``weight_encoding``): int8 where VNNI multiplies
-uint8 activations by int8 weights exactly, uint8 around 128 elsewhere (AVX2), where ONNX Runtime's
-uint8 x int8 kernel adds pairs of products in int16 and saturates. It is used only where every sample text keeps cosine ``INT8_MIN_COSINE`` to the torch float32
-model and it is measured ``MIN_SPEEDUP`` faster than the float32 export on this machine (the figures are
+on its batch; each Linear's bias added inside its product, and the reshapes' target shapes written as constants
+where the exporter computes them from other shapes at every call: half the export's nodes). The weights'
+encoding follows the CPU (``weight_encoding``): int8 where VNNI multiplies uint8 activations by int8 weights
+exactly, uint8 around 128 elsewhere (AVX2), where ONNX Runtime's uint8 x int8 kernel adds pairs of products in
+int16 and saturates. It is used only where every sample text keeps cosine ``INT8_MIN_COSINE`` to the torch
+float32 model and it is measured ``MIN_SPEEDUP`` faster than the float32 export on this machine (the figures are
 recorded per machine like the precision probe's).
 """
 
@@ -44,7 +46,7 @@ SAMPLE_TEXTS = (SAMPLE_TEXT, "sunset", "two dogs playing in the snow in front of
                 "a close-up photo of a bowl of fruit on a kitchen table", "a diagram", "a red circle",
                 "people walking down a busy street at night in the rain, seen from above")
 INT8_MIN_COSINE = 0.999
-INT8_FORMAT = 2  # how quantize_int8 writes its file: a new format makes the int8 files again
+INT8_FORMAT = 3  # how quantize_int8 writes its file: a new format makes the int8 files again
 
 
 def runtime_wanted() -> str:
@@ -284,17 +286,30 @@ def quantize_int8(src: str, dst: str, encoding: str = "s8") -> int:
     """``src`` (an exported float32 text tower) written to ``dst`` with every MatMul by a constant 2-D weight
     as ONNX Runtime's DynamicQuantizeMatMul: the weight in 8 bits, symmetric, one scale per output column, as
     int8 (``encoding`` "s8") or as uint8 around zero point 128 ("u8", the same 255 levels); the activations
-    quantized to uint8 at each call. Returns how many MatMuls it changed."""
+    quantized to uint8 at each call. The bias added to a product (a Linear's) is added by the same node, and
+    the shapes the graph would compute at every call are written as constants where they can be
+    (``static_reshapes``): a short query runs hundreds of tiny nodes fewer. Returns how many MatMuls it changed."""
     import onnx
     from onnx import helper, numpy_helper
 
     if encoding not in ("s8", "u8"):
         raise ValueError(f"encoding must be s8 or u8, got {encoding!r}")
     model = onnx.load(src)
+    static_reshapes(model)
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
-    nodes, replaced, changed = [], set(), 0
+    readers: Dict[str, list] = {}
     for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for node in graph.node:  # the exporter names one stored tensor under several names through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in weights:
+            weights.setdefault(node.output[0], weights[node.input[0]])
+    graph_outputs = {out.name for out in graph.output}
+    nodes, replaced, absorbed, changed = [], set(), set(), 0
+    for node in graph.node:
+        if id(node) in absorbed:
+            continue
         weight = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         w = numpy_helper.to_array(weight) if weight is not None else None
         if w is None or w.ndim != 2 or w.dtype != np.float32:
@@ -311,8 +326,15 @@ def quantize_int8(src: str, dst: str, encoding: str = "s8") -> int:
             graph.initializer.append(numpy_helper.from_array((levels + 128).astype(np.uint8), inputs[1]))
             inputs.append(f"{weight.name}_zero")
             graph.initializer.append(numpy_helper.from_array(np.full(w.shape[1], 128, np.uint8), inputs[3]))
+        outputs = list(node.output)
+        add = _bias_add(node.output[0], readers, weights, w.shape[1], graph_outputs)
+        if add is not None:
+            bias = weights[next(name for name in add.input if name != node.output[0])].name
+            inputs = inputs + [""] * (4 - len(inputs)) + [bias]
+            outputs = list(add.output)
+            absorbed.add(id(add))
         replaced.add(weight.name)
-        nodes.append(helper.make_node("DynamicQuantizeMatMul", inputs, list(node.output),
+        nodes.append(helper.make_node("DynamicQuantizeMatMul", inputs, outputs,
                                       name=f"{node.name or weight.name}_int8", domain="com.microsoft"))
         changed += 1
     if not changed:
@@ -326,6 +348,83 @@ def quantize_int8(src: str, dst: str, encoding: str = "s8") -> int:
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, dst)
+    return changed
+
+
+def _bias_add(product: str, readers: Dict[str, list], weights: Dict[str, Any], columns: int, graph_outputs):
+    """The Add node that alone reads ``product`` and adds a constant float32 vector of ``columns`` to it (a
+    Linear's bias), else None."""
+    from onnx import numpy_helper
+
+    nodes = readers.get(product, [])
+    if product in graph_outputs or len(nodes) != 1 or nodes[0].op_type != "Add" or len(nodes[0].input) != 2:
+        return None
+    add = nodes[0]
+    other = add.input[1] if add.input[0] == product else add.input[0]
+    if other == product or other not in weights:
+        return None
+    bias = numpy_helper.to_array(weights[other])
+    return add if bias.dtype == np.float32 and bias.shape == (columns,) else None
+
+
+def _inferred_shapes(model):
+    """``model`` with the symbolic shapes ONNX Runtime's shape inference finds (``batch``, ``tokens``, products
+    of them), as far as it gets. Its ``infer_shapes`` would write the model into the working directory where
+    some shape stays unknown; the steps it takes are run here instead, keeping what they found."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    inference._preprocess(model)
+    while inference.run_:
+        inference._infer_impl()
+    inference._update_output_from_vi()
+    return inference.out_mp_
+
+
+def static_reshapes(model) -> int:
+    """Rewrites in place each Reshape whose target shape the graph computes from other tensors' shapes at every
+    call (the exporter's Shape -> Gather -> Unsqueeze -> Concat chains) as a constant, where symbolic shape
+    inference gives its output's shape: a fixed size as it is, a size that stays where the input has it as 0
+    (ONNX's "copy this dimension"), at most one other as -1. Nodes left unread are dropped. Returns how many
+    Reshapes it changed; 0 (the graph as it was) where no shapes can be inferred."""
+    from onnx import numpy_helper
+
+    try:
+        inferred = _inferred_shapes(model)
+    except Exception as e:  # noqa: BLE001 - any failure of the inference leaves the graph as exported
+        logger.debug("shapes of the text tower not inferred (%s): its reshapes stay computed", _first_line(e))
+        return 0
+    dims: Dict[str, list] = {}
+    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        kind = info.type.tensor_type
+        if kind.HasField("shape"):
+            dims[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in kind.shape.dim]
+    graph, changed = model.graph, 0
+    for node in graph.node:
+        if node.op_type != "Reshape" or any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        source, out = dims.get(node.input[0]), dims.get(node.output[0])
+        if not source or not out or any(d is None for d in out):
+            continue
+        shape = [d if isinstance(d, int) else 0 if j < len(source) and source[j] == d else -1 for j, d in enumerate(out)]
+        if shape.count(-1) > 1:
+            continue
+        name = f"{node.output[0]}_static_shape"
+        graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), name))
+        node.input[1] = name
+        changed += 1
+    outputs = {out.name for out in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        unread = [node for node in graph.node if not any(out in read for out in node.output)]
+        if not unread:
+            break
+        for node in unread:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     return changed
 
 
