@@ -315,17 +315,19 @@ def quantize_int8(src: str, dst: str, encoding: str = "s8") -> int:
         if w is None or w.ndim != 2 or w.dtype != np.float32:
             nodes.append(node)
             continue
-        scale = np.abs(w).max(axis=0) / 127.0
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        levels = np.clip(np.rint(w / scale), -127, 127)
         inputs = [node.input[0], f"{weight.name}_int8", f"{weight.name}_scale"]
-        graph.initializer.append(numpy_helper.from_array(scale, inputs[2]))
-        if encoding == "s8":
-            graph.initializer.append(numpy_helper.from_array(levels.astype(np.int8), inputs[1]))
-        else:
-            graph.initializer.append(numpy_helper.from_array((levels + 128).astype(np.uint8), inputs[1]))
+        if encoding == "u8":
             inputs.append(f"{weight.name}_zero")
-            graph.initializer.append(numpy_helper.from_array(np.full(w.shape[1], 128, np.uint8), inputs[3]))
+        if weight.name not in replaced:  # a weight two products read (directly or through an alias) is written once
+            scale = np.abs(w).max(axis=0) / 127.0
+            scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+            levels = np.clip(np.rint(w / scale), -127, 127)
+            graph.initializer.append(numpy_helper.from_array(scale, inputs[2]))
+            if encoding == "s8":
+                graph.initializer.append(numpy_helper.from_array(levels.astype(np.int8), inputs[1]))
+            else:
+                graph.initializer.append(numpy_helper.from_array((levels + 128).astype(np.uint8), inputs[1]))
+                graph.initializer.append(numpy_helper.from_array(np.full(w.shape[1], 128, np.uint8), inputs[3]))
         outputs = list(node.output)
         add = _bias_add(node.output[0], readers, weights, w.shape[1], graph_outputs)
         if add is not None:
@@ -335,7 +337,7 @@ def quantize_int8(src: str, dst: str, encoding: str = "s8") -> int:
             absorbed.add(id(add))
         replaced.add(weight.name)
         nodes.append(helper.make_node("DynamicQuantizeMatMul", inputs, outputs,
-                                      name=f"{node.name or weight.name}_int8", domain="com.microsoft"))
+                                      name=f"{node.name or node.output[0]}_int8", domain="com.microsoft"))
         changed += 1
     if not changed:
         raise RuntimeError("the export has no MatMul by a weight matrix to quantize")

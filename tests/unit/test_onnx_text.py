@@ -355,3 +355,29 @@ def test_an_export_read_from_the_cache_counts_as_used(tmp_path):
     onnx_text._cached(str(folder / "text-new.onnx"), lambda dst: open(dst, "wb").close(), open,
                       "text tower export")[0].close()
     assert os.path.exists(used)  # opened today: kept
+
+
+@pytest.mark.parametrize("encoding", ["s8", "u8"])
+def test_a_weight_two_products_read_is_quantized_once_and_each_bias_follows_its_product(encoding, tmp_path):
+    """Two Linears reading one stored weight, one of them through an Identity alias (as the exporter writes a
+    tensor it found twice), each with a bias that is also an alias: a valid file, each output its Linear's."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w, b1, b2 = rng.standard_normal((8, 4)).astype(np.float32), np.full(4, 0.5, np.float32), np.full(4, -1.0, np.float32)
+    nodes = [helper.make_node("Identity", ["w"], ["w_alias"]), helper.make_node("Identity", ["b2"], ["b2_alias"]),
+             helper.make_node("MatMul", ["x", "w"], ["p1"]), helper.make_node("Add", ["p1", "b1"], ["y1"]),
+             helper.make_node("MatMul", ["x", "w_alias"], ["p2"]), helper.make_node("Add", ["b2_alias", "p2"], ["y2"])]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["n", 4]) for y in ("y1", "y2")],
+                              [numpy_helper.from_array(a, name) for a, name in ((w, "w"), (b1, "b1"), (b2, "b2"))])
+    src, dst = str(tmp_path / "two.onnx"), str(tmp_path / "two-int8.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    assert onnx_text.quantize_int8(src, dst, encoding) == 2
+    model = onnx.load(dst)
+    names = [init.name for init in model.graph.initializer]
+    assert len(names) == len(set(names)) and not any(n.op_type in ("MatMul", "Add") for n in model.graph.node)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    y1, y2 = _session(dst).run(None, {"x": x})
+    assert np.abs(y1 - (x @ w + b1)).max() < 0.1 and np.abs(y2 - (x @ w + b2)).max() < 0.1
