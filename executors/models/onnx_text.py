@@ -341,12 +341,9 @@ def quantize_int8(src: str, dst: str, encoding: str = "s8") -> int:
         changed += 1
     if not changed:
         raise RuntimeError("the export has no MatMul by a weight matrix to quantize")
-    still_used = {name for node in nodes for name in node.input}
-    kept = [init for init in graph.initializer if init.name not in replaced or init.name in still_used]
     del graph.node[:]
     graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    _drop_unread(graph)  # the float32 weights and the bias aliases the new nodes no longer read
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, dst)
@@ -415,6 +412,13 @@ def static_reshapes(model) -> int:
         graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), name))
         node.input[1] = name
         changed += 1
+    _drop_unread(graph)
+    return changed
+
+
+def _drop_unread(graph) -> None:
+    """Removes from ``graph`` in place the nodes whose outputs nothing reads (the graph's outputs count as read),
+    until none is left, then the stored tensors no node reads."""
     outputs = {out.name for out in graph.output}
     while True:
         read = {name for node in graph.node for name in node.input} | outputs
@@ -427,7 +431,6 @@ def static_reshapes(model) -> int:
     kept = [init for init in graph.initializer if init.name in read]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return changed
 
 
 def int8_speedup(f32: OnnxTextTower, int8: OnnxTextTower, sample: Dict[str, Any], repeat: int = 9) -> float:
