@@ -499,7 +499,7 @@ class VectorStore:
                 mask = live & self._rows_matching(where, len(live))
             scores, rows = top_k(view, mask, queries, limit, min_score, scan=self.scan, chunk_rows=self.chunk_rows,
                                  f16_chunk_rows=self.f16_chunk_rows,
-                                 pool=self._scan_pool if self.scan_threads > 1 else None)
+                                 pool=self._scan_pool if self.scan_threads > 1 else None, threads=self.scan_threads)
         results = []
         wanted = sorted({int(r) for r in rows.ravel() if r >= 0})
         records = self._records_by_row(wanted, epoch)

@@ -112,6 +112,56 @@ def test_chunks_scanned_side_by_side_give_the_same_top_k(filled, rng, threads):
             np.testing.assert_allclose([s for _, s in hits], want_scores, atol=1e-5)
 
 
+def test_a_scan_shares_its_rows_evenly_between_the_pool_threads(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from executors.store.scan import MIN_SPLIT_ROWS, top_k
+
+    rows = 2 * MIN_SPLIT_ROWS + 4000  # under one 65,536-row chunk: a single thread used to scan it all
+    view = unit(rng.standard_normal((rows, DIM)))
+    mask = np.ones(rows, dtype=bool)
+    mask[::7] = False
+    queries = rng.standard_normal((2, DIM)).astype(np.float32)
+    handed = []
+
+    class Recording(ThreadPoolExecutor):
+        def map(self, fn, *iterables, **kwargs):
+            starts = list(iterables[0])
+            handed.append(starts)
+            return super().map(fn, starts, **kwargs)
+
+    ids = [str(i) for i in range(rows)]
+    with Recording(2) as pool:
+        for q in (queries[0], queries):  # one query (gemv) and several (gemm)
+            scores, found = top_k(view, mask, np.atleast_2d(unit(q)), 10, None, pool=lambda: pool, threads=2)
+            for row_scores, row_found, (want_ids, want_scores) in zip(scores, found, brute_force(view, ids, np.atleast_2d(q), 10, mask)):
+                assert [ids[r] for r in row_found] == want_ids
+                np.testing.assert_allclose(row_scores, want_scores, atol=1e-5)
+    assert handed == [[(0, rows // 2), (rows // 2, rows)]] * 2  # two chunks of one size, one per thread
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("chunk_rows", [700, 65536])
+def test_chunks_cover_every_row_once_and_are_even_for_the_pool(threads, chunk_rows):
+    from executors.store.scan import MIN_SPLIT_ROWS, chunk_bounds
+
+    for rows in (0, 1, 699, 700, 5000, 2 * MIN_SPLIT_ROWS - 1, 2 * MIN_SPLIT_ROWS, 100_000, 1_000_003):
+        chunks = chunk_bounds(rows, chunk_rows, threads)
+        assert [b for _, b in chunks[:-1]] == [a for a, _ in chunks[1:]], "each chunk starts where the last stopped"
+        assert (chunks[0][0], chunks[-1][1]) == (0, rows) if rows else chunks == []
+        lengths = [b - a for a, b in chunks]
+        assert all(0 < n <= chunk_rows for n in lengths), (rows, lengths)
+        needed = -(-rows // chunk_rows)
+        if threads == 1 or needed < threads and rows < 2 * MIN_SPLIT_ROWS:
+            assert len(chunks) == needed, (rows, len(chunks))  # no split for the pool's sake
+        else:
+            assert max(lengths) - min(lengths) <= 1, (rows, lengths)
+            if needed >= threads:
+                assert len(chunks) % threads == 0, (rows, len(chunks))  # no thread scans a last chunk alone
+            else:  # one per thread, each with enough rows to be worth the hand-off
+                assert needed < len(chunks) <= threads and min(lengths) >= MIN_SPLIT_ROWS, (rows, lengths)
+
+
 def test_scans_run_numpy_blas_on_one_thread_and_restore_it(filled, rng):
     threadpoolctl = pytest.importorskip("threadpoolctl")
     from executors.store.scan import single_threaded_blas
