@@ -24,6 +24,7 @@ import argparse
 import os
 import tempfile
 import time
+from typing import Dict, List
 
 import numpy as np
 
@@ -146,6 +147,54 @@ def precision_table(model_dir: str, name: str, precisions, size: int, texts, ref
                  f"p50 {percentiles(f32_seconds)[0]:.2f} ms over all of them)", HEADERS, rows)
 
 
+def stages(address: str, texts, limit: int) -> Dict[str, List[float]]:
+    """Where one served text query's time goes, in seconds per query: the client's whole call, then what jina
+    records in the answer's routes (the gateway from receiving the request to answering it; each executor from
+    the gateway's send to its answer), as the client sends a text query (past the image encoder)."""
+    from docarray import DocList
+
+    from clipseek.client import TEXT_ONLY_ROUTE
+    from executors.docs import TextQuery
+    from flows.transport import GrpcTransport
+
+    transport = GrpcTransport()
+    out: Dict[str, List[float]] = {}
+    try:
+        for i, text in enumerate([*texts[:3], *texts]):
+            t0 = time.perf_counter()
+            answer = transport.request(address, "/search", DocList[TextQuery]([TextQuery(text=text)]), DocList[TextQuery],
+                                       {"limit": limit}, target_executor=TEXT_ONLY_ROUTE)
+            took = time.perf_counter() - t0
+            if i < 3:
+                continue  # warm-up
+            out.setdefault("client", []).append(took)
+            for route in answer.routes:
+                if route.end_time.ToNanoseconds() > 0:  # an executor the query skipped has no end
+                    seconds = (route.end_time.ToNanoseconds() - route.start_time.ToNanoseconds()) / 1e9
+                    out.setdefault(route.executor, []).append(seconds)
+    finally:
+        transport.close()
+    return out
+
+
+def stage_rows(seconds: Dict[str, List[float]]) -> List[List[str]]:
+    """The table of ``stages``: each part's p50, and what lies between them (the client's side and the
+    transport to the gateway; the gateway's own work between its executors)."""
+    p50 = {name: float(np.median(values)) * 1e3 for name, values in seconds.items()}
+    executors = [name for name in p50 if name not in ("client", "gateway")]
+    total = p50["client"]
+    rows = [["whole query, as the client sees it", f"{total:.2f}", "1.00"]]
+    parts = [("client side and client <-> gateway transport", total - p50.get("gateway", total))]
+    parts += [(f"executor {name} (gateway's send to its answer)", p50[name]) for name in executors]
+    if "gateway" in p50:
+        parts.append(("gateway's own work around its executors", p50["gateway"] - sum(p50[n] for n in executors)))
+    rows += [[label, f"{ms:.2f}", f"{ms / total:.2f}"] for label, ms in parts]
+    return rows
+
+
+STAGE_HEADERS = ["part of a served text query", "p50 ms", "share of the whole"]
+
+
 HEADERS = ["precision", "served query (client, gRPC, flow)", "text encoder alone",
            "float32 encoder alone, between the served runs", "served / its encoder", "served / float32 encoder",
            "float32 encoder / this encoder", "min cosine to float32"]
@@ -231,6 +280,12 @@ def main():
                         assert len(set(got_flow) & set(want)) >= 0.8 * args.limit, (want, got_flow)
 
                     flow = latencies(lambda t: client.search(t, limit=args.limit), texts)
+                    if size == sizes[0]:
+                        parts = stage_rows(stages(settings.search_address, texts, args.limit))
+                        print(table(STAGE_HEADERS, parts), flush=True)
+                        report.table(f"Where a served text query's time goes, {size:,} vectors, top-{args.limit}, dtype "
+                                     f"{args.dtype} ({args.queries} queries; p50 of each part, as jina's routes record "
+                                     f"them, so the parts need not add up to the whole)", STAGE_HEADERS, parts)
                     encoded = encode_texts(model_dir, args.queries, args.dtype)  # again, next to this size's other figures
                     text = encoded["p50"], encoded["p99"]
                     store = latencies(lambda t: reader.search(qvec[t], limit=args.limit), texts)
