@@ -83,6 +83,10 @@ class OnnxTextTower:
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, int(threads))
         options.inter_op_num_threads = 1
+        # The pool's threads spin while a call runs (no wake-up between its many small products) and stop when
+        # it returns: left spinning they took the next process of the search flow a CPU (38 ms of CPU in the
+        # 50 ms after a call; at 100k vectors the indexer's scan on 2 vCPUs took 16.4 ms against 8.7).
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         options.log_severity_level = 3
         self.path = path
         self.input_names = list(input_names)

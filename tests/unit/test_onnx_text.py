@@ -276,6 +276,35 @@ def test_a_failed_export_keeps_the_text_tower_on_torch(tiny_model, monkeypatch, 
         load_clip(tiny_model, "cpu", None, with_tokenizer=True)
 
 
+def test_the_towers_threads_stop_spinning_when_a_call_returns(tmp_path):
+    """ONNX Runtime's pool threads spin after each call unless told otherwise, taking a CPU from the flow's next
+    process (the indexer's scan) while the text encoder has nothing to do."""
+    import time
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    width = 768
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((width, width)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["x"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "products", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["n", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])], [weight])
+    path = str(tmp_path / "products.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    tower = onnx_text.OnnxTextTower(path, ["input_ids"], threads=2)
+    tokens = {"input_ids": np.ones((512, width), dtype=np.int64)}  # big enough for the pool to share it out
+    for _ in range(3):
+        tower(tokens)
+    burnt = []
+    for _ in range(5):
+        tower(tokens)
+        start = time.process_time()
+        time.sleep(0.05)
+        burnt.append(time.process_time() - start)
+    assert float(np.median(burnt)) < 0.01, f"CPU seconds used in the 50 ms after a call: {burnt}"
+
+
 def test_the_runtime_setting(tiny_model, monkeypatch):
     monkeypatch.setenv(onnx_text.RUNTIME_ENV, "torch")
     assert load_clip(tiny_model, "cpu", None, with_tokenizer=True).text_tower is None
