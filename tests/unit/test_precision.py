@@ -168,3 +168,25 @@ def test_an_embedding_does_not_depend_on_its_batch(vit_b32, reference, name):
 # stay apart from the rest. bfloat16 on AMX (oneDNN picks its tiles by the batch's size, so sums are added
 # in another order and rounded to bfloat16's 8 bits) measured 0.99997; float32 and int8 keep 0.99999.
 SAME_ALONE = {"float32": 0.99999, "int8": 0.99999, "bfloat16": 0.9999}
+
+
+@pytest.mark.cpu_kind
+@pytest.mark.parametrize("name", ["float32", "int8"])
+def test_a_small_models_embedding_does_not_depend_on_its_batch(tiny_model, name):
+    """The two checks above on the small test model, quick enough for an emulated AVX2 CPU (tests/avx2.sh):
+    the same kernels (fbgemm's int8 products, oneDNN's and MKL's float32 ones) on narrower matrices. A picture
+    alone is the picture in a batch, a text alone the text beside others, and int8 stays near float32."""
+    texts = ["a photo of red circle", "blue square", "a photo of a green yellow circle square", "red", "a blue photo"]
+    clip = load_clip(tiny_model, "cpu", name, with_tokenizer=True)
+    assert clip.precision == name
+    size = clip.model.config.vision_config.image_size
+    pixels = np.random.default_rng(0).standard_normal((6, 3, size, size)).astype(np.float32)
+    batch = image_embeddings(clip, pixels)
+    alone = np.concatenate([image_embeddings(clip, pixels[i : i + 1]) for i in range(len(pixels))])
+    assert (batch * alone).sum(axis=1).min() >= SAME_ALONE[name]
+    together = text_embeddings(clip, texts)
+    single = np.concatenate([text_embeddings(clip, [t]) for t in texts])
+    assert (together * single).sum(axis=1).min() >= SAME_ALONE[name]
+    float32 = load_clip(tiny_model, "cpu", "float32", with_tokenizer=True)
+    for got, want in ((batch, image_embeddings(float32, pixels)), (together, text_embeddings(float32, texts))):
+        assert (got * want).sum(axis=1).min() >= MIN_COSINE[name]

@@ -39,6 +39,7 @@ def test_an_unwritable_record_costs_only_the_record(tmp_path, monkeypatch):
     assert precision.probe_file() is None
 
 
+@pytest.mark.cpu_kind
 def test_two_starts_choose_alike(tmp_path):
     """Two processes on one machine: the second reads the first one's figures and picks the same precision."""
     env = dict(os.environ, **{precision.PROBE_FILE_ENV: str(tmp_path / "precision.json")})
@@ -73,3 +74,15 @@ def test_auto_picks_by_measurement_not_by_the_cpus_name(tmp_path):
         measured = float(reason.split("bfloat16 ", 1)[1].split("x", 1)[0])
         assert measured < precision.MIN_SPEEDUP and name != "bfloat16", (tower, line)
     assert lines["text"].startswith("float32")
+
+
+@pytest.mark.cpu_kind
+@pytest.mark.skipif(precision.native_bfloat16() is not None, reason="the CPU runs bfloat16 natively (tests/avx2.sh runs this)")
+def test_auto_never_tries_bfloat16_where_the_cpu_lacks_it(tmp_path, monkeypatch):
+    """On a CPU without native bfloat16 (an AVX2-only one), where bfloat16 runs emulated, auto neither takes nor
+    measures it for either tower, and says why."""
+    monkeypatch.setenv(precision.PROBE_FILE_ENV, str(tmp_path / "precision.json"))
+    for tower in ("image", "text"):
+        chosen = precision.choose("auto", "cpu", tower)
+        assert chosen.name in ("float32", "int8") and chosen.reason.endswith("(no native bfloat16)"), chosen
+        assert "bfloat16" not in chosen.reason.replace("no native bfloat16", ""), chosen

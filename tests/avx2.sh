@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs the tests whose answers depend on the CPU's instruction set (pytest marker `cpu_kind`) as on a CPU with
+# AVX2 and FMA only (no AVX512, no VNNI, no native bfloat16), from any x86-64 machine: Python runs under QEMU's
+# user-mode emulation of a Haswell CPU, so torch, fbgemm, oneDNN, ONNX Runtime and numpy see that CPU and take the
+# kernels they take on one (every process the tests start runs emulated too). Emulation runs the math 100-200x
+# slower than the host: this checks answers, never speed (benchmarks/ measure speed on a real CPU).
+#
+#   bash tests/avx2.sh                # the cpu_kind tests
+#   bash tests/avx2.sh -k onnx        # extra arguments go to pytest
+#
+# Needs qemu-user 7.2 or later (AVX2 emulation): `apt-get install qemu-user`. Uses .venv (or $PYTHON).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v qemu-x86_64 >/dev/null || { echo "qemu-x86_64 not found: apt-get install qemu-user" >&2; exit 2; }
+python=$(realpath -s "${PYTHON:-.venv/bin/python}")
+wrapper="$(dirname "$python")/python-avx2"
+# Haswell as QEMU's TCG can run it: the features it does not emulate are left out (else it warns at every start)
+cpu="Haswell,-pcid,-x2apic,-tsc-deadline,-hle,-invpcid,-rtm"
+cat >"$wrapper" <<EOF
+#!/bin/sh
+# $python on an emulated AVX2-only CPU (written by tests/avx2.sh). argv[0] is this file, so sys.executable is
+# too: processes that Python starts run emulated as well.
+exec qemu-x86_64 -cpu $cpu -0 "$wrapper" "$python" "\$@"
+EOF
+chmod +x "$wrapper"
+"$wrapper" - <<'EOF'
+import sys
+import torch
+from executors.models.precision import cpu_capabilities
+seen = (torch.backends.cpu.get_cpu_capability(), cpu_capabilities())
+if seen[0] != "AVX2" or not seen[1]["avx2"] or seen[1]["vnni"] or seen[1]["avx512_bf16"] or seen[1]["amx"]:
+    sys.exit(f"the emulated CPU is not AVX2-only: {seen}")
+print(f"emulated CPU: torch's kernels {seen[0]}, {seen[1]}", flush=True)
+EOF
+exec "$wrapper" -m pytest -q -p no:cacheprovider -m cpu_kind "$@"
