@@ -154,13 +154,19 @@ def test_an_embedding_does_not_depend_on_its_batch(vit_b32, reference, name):
     text alone is the text beside longer ones: torch's int8 takes one activation scale per tensor, which
     gave 0.99948 (images) and 0.99902 (texts) against the same input alone."""
     pixels, _, _ = reference
-    clip = load_clip(vit_b32, "cpu", name, with_tokenizer=True)
+    _assert_alone_as_in_a_batch(load_clip(vit_b32, "cpu", name, with_tokenizer=True), pixels, TEXTS, SAME_ALONE[name])
+
+
+def _assert_alone_as_in_a_batch(clip, pixels, texts, least: float):
+    """Each picture of ``pixels`` embedded alone, and each text of ``texts``, keeps cosine ``least`` to its
+    embedding in one batch with the others; returns the batches' embeddings (images, texts)."""
     batch = image_embeddings(clip, pixels)
     alone = np.concatenate([image_embeddings(clip, pixels[i : i + 1]) for i in range(len(pixels))])
-    assert (batch * alone).sum(axis=1).min() >= SAME_ALONE[name]
-    texts = text_embeddings(clip, TEXTS)
-    single = np.concatenate([text_embeddings(clip, [t]) for t in TEXTS])
-    assert (texts * single).sum(axis=1).min() >= SAME_ALONE[name]
+    assert (batch * alone).sum(axis=1).min() >= least
+    together = text_embeddings(clip, texts)
+    single = np.concatenate([text_embeddings(clip, [t]) for t in texts])
+    assert (together * single).sum(axis=1).min() >= least
+    return batch, together
 
 
 # How close an embedding alone must be to the same input's in a batch: a picture must find itself with a
@@ -181,12 +187,7 @@ def test_a_small_models_embedding_does_not_depend_on_its_batch(tiny_model, name)
     assert clip.precision == name
     size = clip.model.config.vision_config.image_size
     pixels = np.random.default_rng(0).standard_normal((6, 3, size, size)).astype(np.float32)
-    batch = image_embeddings(clip, pixels)
-    alone = np.concatenate([image_embeddings(clip, pixels[i : i + 1]) for i in range(len(pixels))])
-    assert (batch * alone).sum(axis=1).min() >= SAME_ALONE[name]
-    together = text_embeddings(clip, texts)
-    single = np.concatenate([text_embeddings(clip, [t]) for t in texts])
-    assert (together * single).sum(axis=1).min() >= SAME_ALONE[name]
+    batch, together = _assert_alone_as_in_a_batch(clip, pixels, texts, SAME_ALONE[name])
     float32 = load_clip(tiny_model, "cpu", "float32", with_tokenizer=True)
     for got, want in ((batch, image_embeddings(float32, pixels)), (together, text_embeddings(float32, texts))):
         assert (got * want).sum(axis=1).min() >= MIN_COSINE[name]
