@@ -29,10 +29,10 @@ chmod +x "$wrapper"
 "$wrapper" - <<'EOF'
 import sys
 import torch
-from executors.models.precision import cpu_capabilities
-seen = (torch.backends.cpu.get_cpu_capability(), cpu_capabilities())
-if seen[0] != "AVX2" or not seen[1]["avx2"] or seen[1]["vnni"] or seen[1]["avx512_bf16"] or seen[1]["amx"]:
+from executors.models.precision import avx2_only, cpu_capabilities
+seen = f"torch's kernels {torch.backends.cpu.get_cpu_capability()}, {cpu_capabilities()}"
+if not avx2_only():
     sys.exit(f"the emulated CPU is not AVX2-only: {seen}")
-print(f"emulated CPU: torch's kernels {seen[0]}, {seen[1]}", flush=True)
+print(f"emulated CPU: {seen}", flush=True)
 EOF
 exec "$wrapper" -m pytest -q -p no:cacheprovider -m cpu_kind "$@"

@@ -75,6 +75,16 @@ def cpu_capabilities() -> Dict[str, bool]:
             "vnni": has("_is_vnni_supported"), "avx2": has("_is_avx2_supported")}
 
 
+def avx2_only() -> bool:
+    """Whether this CPU is of the AVX2-only kind: torch's kernels AVX2, with neither VNNI, AVX512-BF16 nor AMX
+    (emulated bfloat16, int8 dot products without VNNI). ``tests/avx2.sh`` emulates one."""
+    import torch
+
+    caps = cpu_capabilities()
+    return (torch.backends.cpu.get_cpu_capability() == "AVX2" and caps["avx2"]
+            and not (caps["vnni"] or caps["avx512_bf16"] or caps["amx"]))
+
+
 def native_bfloat16() -> Optional[str]:
     """What runs bfloat16 matmuls natively on this CPU ("AMX" or "AVX512-BF16"), or None."""
     caps = cpu_capabilities()

@@ -121,6 +121,16 @@ def test_auto_is_never_slower_than_float32_and_keeps_quality(vit_b32, reference,
     assert cosines.min() >= MIN_COSINE[picked.precision], (picked.precision, cosines)
 
 
+def test_avx2_only_names_the_cpus_without_vnni_or_native_bfloat16(monkeypatch):
+    none = {"avx2": True, "vnni": False, "avx512_bf16": False, "amx": False}
+    for kernels, extra, want in (("AVX2", {}, True), ("AVX2", {"vnni": True}, False), ("AVX512", {}, False),
+                                 ("AVX512", {"avx512_bf16": True, "vnni": True}, False), ("AVX2", {"avx2": False}, False),
+                                 ("AVX2", {"amx": True}, False)):
+        monkeypatch.setattr(precision, "cpu_capabilities", lambda extra=extra: {**none, **extra})
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda kernels=kernels: kernels)
+        assert precision.avx2_only() is want, (kernels, extra)
+
+
 def test_auto_on_cuda_is_float16():
     assert precision.choose("auto", "cuda").name == "float16"
     assert precision.choose(None, "cuda:1").name == "float16"
