@@ -11,6 +11,7 @@
 # Needs qemu-user 7.2 or later (AVX2 emulation): `apt-get install qemu-user`. Uses .venv (or $PYTHON).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[ "$(uname -m)" = x86_64 ] || { echo "tests/avx2.sh runs an x86-64 Python: this machine is $(uname -m)" >&2; exit 2; }
 command -v qemu-x86_64 >/dev/null || { echo "qemu-x86_64 not found: apt-get install qemu-user" >&2; exit 2; }
 python=$(realpath -s "${PYTHON:-.venv/bin/python}")
 wrapper="$(dirname "$python")/python-avx2"
