@@ -80,6 +80,7 @@ def test_shipped_model_retrieves_held_out_pictures():
         assert metrics[name] >= floor, (name, metrics)
 
 
+@pytest.mark.cpu_kind  # served in the precision auto takes on this CPU
 def test_semantic_search_over_grpc(tmp_path):
     """Held-out pictures (a seed never trained on) indexed through the flows and searched with
     their captions: precision@5 >= GRPC_PRECISION_AT_5 (a hit counts when it fits every attribute the caption

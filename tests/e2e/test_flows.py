@@ -216,6 +216,7 @@ def test_query_arithmetic_matches_the_weighted_sum(served, picture_dir, tiny_mod
     assert [h.score for h in hits] == pytest.approx([s for s, _ in expected], abs=1e-5)
 
 
+@pytest.mark.cpu_kind  # a picture alone must embed as it did in a batch, in the precision auto takes here
 def test_query_by_example(served, picture_dir, tmp_path):
     _, client = served
     root, paths = picture_dir

@@ -10,8 +10,9 @@ from clipseek.client import ClipseekClient
 from flows.serving import flows_in_subprocess, free_port
 from flows.settings import DEMO_MODEL_DIR, Settings
 
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(DEMO_MODEL_DIR, "config.json")),
-                                reason="the demo model is not in data/models")
+pytestmark = [pytest.mark.skipif(not os.path.exists(os.path.join(DEMO_MODEL_DIR, "config.json")),
+                                 reason="the demo model is not in data/models"),
+              pytest.mark.cpu_kind]  # rankings from the precision auto takes on this CPU
 
 
 @pytest.fixture(scope="module")
