@@ -101,7 +101,34 @@ def cpu_kind() -> str:
     for label, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("vnni", "_is_vnni_supported")):
         check = getattr(torch.cpu, probe, None)
         flags.append(f"{label} {'?' if check is None else 'yes' if check() else 'no'}")
-    return ", ".join([str(torch.backends.cpu.get_cpu_capability()), *flags])
+    kind = ", ".join([str(torch.backends.cpu.get_cpu_capability()), *flags])
+    if "avx2_cpuid" in os.environ.get("LD_PRELOAD", ""):
+        kind += " as CPUID reports it under tests/avx2_cpuid.c (the host's own CPU: " + host_flags() + ")"
+    return kind
+
+
+def kind_suffix() -> str:
+    """``.avx2`` where the CPU is of the AVX2-only kind (as its kernels see it: a real one, or the host under
+    tests/avx2_cpuid.c), else nothing: the results files of the two kinds sit side by side."""
+    try:
+        from executors.models.precision import avx2_only
+    except ImportError:  # no torch
+        return ""
+    return ".avx2" if avx2_only() else ""
+
+
+def host_flags() -> str:
+    """What the kernel says the CPU has of AVX-512, bfloat16 and VNNI (/proc/cpuinfo, which CPUID faulting does
+    not change): ``avx512f avx512_bf16 avx512_vnni``, ``none of AVX-512, bfloat16, VNNI`` or ``unknown``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:
+        return "unknown"
+    seen = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
+    return " ".join(seen) or "none of AVX-512, bfloat16, VNNI"
 
 
 def machine() -> str:
@@ -138,8 +165,9 @@ class Results:
     the file into the docs between ``<!-- results:<script> -->`` and ``<!-- /results -->``."""
 
     def __init__(self, script: str, options: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[str]] = None,
-                 folder: Optional[str] = None, echo: bool = True):
+                 folder: Optional[str] = None, echo: bool = True, kind: Optional[str] = None):
         self.name = os.path.splitext(os.path.basename(script))[0]
+        self.kind = kind_suffix() if kind is None else kind  # the results file's CPU kind suffix
         self.options = {k: v for k, v in (options or {}).items()}
         self.command = command_line(argv)
         self.folder = folder or RESULTS_DIR
@@ -184,9 +212,10 @@ class Results:
         return "\n\n".join([self.header(), *self.blocks]) + "\n"
 
     def write(self) -> str:
-        """Write ``<folder>/<script>.md`` (replaced whole, atomically); its path."""
+        """Write ``<folder>/<script>.md`` (``<script>.avx2.md`` on an AVX2-only CPU, so that each CPU kind keeps
+        its own figures; replaced whole, atomically); its path."""
         os.makedirs(self.folder, exist_ok=True)
-        path = os.path.join(self.folder, f"{self.name}.md")
+        path = os.path.join(self.folder, f"{self.name}{self.kind}.md")
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(self.markdown())

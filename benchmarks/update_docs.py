@@ -1,6 +1,7 @@
 """Put the benchmarks' current results into the docs.
 
-Every benchmark writes the tables it printed to ``benchmarks/results/<script>.md``. A doc quotes one
+Every benchmark writes the tables it printed to ``benchmarks/results/<script>.md`` (``<script>.avx2.md`` on an
+AVX2-only CPU, quoted as ``<!-- results:<script>.avx2 -->``). A doc quotes one
 between two marker lines, and this script replaces whatever lies between them with that file:
 
     <!-- results:index_throughput -->

@@ -23,7 +23,7 @@ update_docs = _load("update_docs")
 
 def _results(tmp_path, name="demo_bench", rows=((1, 2.5), (2, 0.125)), argv=("benchmarks/demo_bench.py", "--n", "2")):
     out = common.Results(f"/somewhere/{name}.py", {"n": 2, "mode": "fast"}, argv=list(argv), folder=str(tmp_path),
-                         echo=False)
+                         echo=False, kind="")
     out.table("Caption of the table", ["n", "ms"], rows, note="A note under it.")
     out.note("A closing remark.")
     return out
@@ -52,6 +52,29 @@ def test_results_file_has_one_header_line_and_the_printed_tables(tmp_path, capsy
     assert rest[1].splitlines() == ["| n | ms    |", "| - | ----- |", "| 1 | 2.5   |", "| 2 | 0.125 |"]
     assert rest[2:] == ["A note under it.", "A closing remark.\n"]
     assert capsys.readouterr().out == ""  # echo=False: nothing printed
+
+
+def test_each_cpu_kind_keeps_its_own_results_file(tmp_path, monkeypatch):
+    from executors.models import precision
+
+    monkeypatch.setattr(precision, "avx2_only", lambda: True)
+    assert common.kind_suffix() == ".avx2"
+    out = common.Results("/somewhere/demo_bench.py", argv=["demo_bench.py"], folder=str(tmp_path), echo=False)
+    assert out.write() == str(tmp_path / "demo_bench.avx2.md")
+    monkeypatch.setattr(precision, "avx2_only", lambda: False)
+    assert common.kind_suffix() == ""
+    out = common.Results("/somewhere/demo_bench.py", argv=["demo_bench.py"], folder=str(tmp_path), echo=False)
+    assert out.write() == str(tmp_path / "demo_bench.md")
+    assert sorted(os.listdir(tmp_path)) == ["demo_bench.avx2.md", "demo_bench.md"]
+
+
+def test_a_cpu_kind_results_file_is_quoted_by_its_name(tmp_path):
+    results = tmp_path / "results"
+    common.Results("/x/demo_bench.py", argv=["x.py"], folder=str(results), echo=False, kind=".avx2").write()
+    doc = tmp_path / "README.md"
+    doc.write_text("<!-- results:demo_bench.avx2 -->\n<!-- /results -->\n")
+    assert update_docs.main(["--results", str(results), str(doc)]) == 0
+    assert (results / "demo_bench.avx2.md").read_text().strip() in doc.read_text()
 
 
 def test_results_file_is_replaced_whole(tmp_path):
