@@ -131,6 +131,8 @@ def speedups(tower: str = "image", repeat: int = 7) -> Dict[str, float]:
 
 
 def _machine_key(key: tuple) -> str:
+    """``key`` and what picks the kernels on this machine: torch, its CPU capability, the CPU's name, what it runs
+    natively (VNNI, AVX512-BF16, AMX: one CPU name covers parts with and without them) and the thread count."""
     import platform
 
     import torch
@@ -141,8 +143,9 @@ def _machine_key(key: tuple) -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    native = "+".join(sorted(k for k, v in cpu_capabilities().items() if v and k != "avx2")) or "no vnni/bf16/amx"
     return "|".join(map(str, (*key, f"torch {torch.__version__}", torch.backends.cpu.get_cpu_capability(), cpu,
-                              f"{torch.get_num_threads()} threads")))
+                              native, f"{torch.get_num_threads()} threads")))
 
 
 def recorded(key: tuple, measure) -> Dict[str, float]:

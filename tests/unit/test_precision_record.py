@@ -30,6 +30,21 @@ def test_the_recorded_figures_are_reused_and_a_damaged_record_measured_again(tmp
     assert precision.recorded(key, never) == {"bfloat16": 2.0}
 
 
+def test_a_cpu_of_the_same_name_without_vnni_measures_again(tmp_path, monkeypatch):
+    """"AMD EPYC" names parts with VNNI and AVX512-BF16 and parts without (and a CPU can hide them from a
+    process): figures measured on one kind are not reused on the other."""
+    monkeypatch.setenv(precision.PROBE_FILE_ENV, str(tmp_path / "precision.json"))
+    key = ("image", 768, 4, 50)
+    kinds = {"avx512_bf16": True, "amx": False, "vnni": True, "avx2": True}
+    monkeypatch.setattr(precision, "cpu_capabilities", lambda: dict(kinds))
+    assert precision.recorded(key, lambda: {"int8": 1.8}) == {"int8": 1.8}
+    kinds.update(avx512_bf16=False, vnni=False)
+    assert precision.recorded(key, lambda: {"int8": 1.1}) == {"int8": 1.1}
+    kinds.update(avx512_bf16=True, vnni=True)
+    assert precision.recorded(key, lambda: {"int8": 0.5}) == {"int8": 1.8}  # the first kind's own figures
+    assert len(json.loads((tmp_path / "precision.json").read_text())) == 2
+
+
 def test_an_unwritable_record_costs_only_the_record(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
