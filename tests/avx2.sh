@@ -14,8 +14,8 @@
 #   bash tests/avx2.sh                       # the cpu_kind tests, by cpuid where the host can, else qemu
 #   AVX2_BY=qemu bash tests/avx2.sh          # choose the way
 #   bash tests/avx2.sh -m "not gpu" tests    # extra arguments go to pytest (a later -m wins)
-#   .venv/bin/python-avx2 benchmarks/index_throughput.py   # the wrapper it writes runs anything so (cpuid: at
-#                                                           # the host's speed, with the host's cores and caches)
+#   bash tests/avx2.sh --python-only         # only write and check .venv/bin/python-avx2, which runs anything
+#   .venv/bin/python-avx2 benchmarks/index_throughput.py   # so (cpuid: at the host's speed, cores and caches)
 #
 # Uses .venv (or $PYTHON).
 set -euo pipefail
@@ -31,7 +31,8 @@ case "$by" in
 cpuid)
   grep -qw cpuid_fault /proc/cpuinfo || { echo "no CPUID faulting here (cpuid_fault in /proc/cpuinfo): AVX2_BY=qemu" >&2; exit 2; }
   library="$(dirname "$python")/../lib/avx2_cpuid.so"
-  cc -O2 -shared -fPIC -o "$library" tests/avx2_cpuid.c -ldl
+  # built beside and moved in place, so that a run using the library already is left alone
+  cc -O2 -shared -fPIC -o "$library.$$" tests/avx2_cpuid.c -ldl && mv -f "$library.$$" "$library"
   library=$(realpath "$library")
   cat >"$wrapper" <<EOF
 #!/bin/sh
@@ -68,4 +69,5 @@ if not avx2_only():
     sys.exit(f"the CPU is not AVX2-only ({sys.argv[1]}): {seen}")
 print(f"AVX2-only CPU by {sys.argv[1]}: {seen}", flush=True)
 EOF
+if [ "${1:-}" = --python-only ]; then echo "written: $wrapper"; exit 0; fi
 exec "$wrapper" -m pytest -q -p no:cacheprovider -m cpu_kind "${leave_out[@]}" "$@"
