@@ -1,16 +1,24 @@
 """A flow's gateway starts once its executors listen: started beside them (jina's way) it asked a loading
-executor for its endpoints, failed, and waited a whole second before asking again."""
+executor for its endpoints, failed, and waited a whole second before asking again.
 
+Each case runs in a Python process of its own, as a user's script would: jina forks the executors from the
+process that enters the flow, and by now the test process runs gRPC's threads (its asyncio poller among
+them), beside which a fork has crashed the test process."""
+
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import jina.orchestrate.deployments
-import pytest
 from jina import Executor, Flow, requests
 from jina.excepts import RuntimeFailToStart
 
 from flows.serving import dead_pods_close_at_once, free_port, gateway_starts_last, skip_empty_argument_check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class SlowToLoad(Executor):
@@ -39,48 +47,78 @@ def _flow(uses, **uses_with):
                                                          host="127.0.0.1")
 
 
-def test_the_gateway_starts_after_its_executors_loaded(monkeypatch, tmp_path):
-    marker = str(tmp_path / "loaded")
-    started = []
+def _in_a_fresh_process(case: str, folder) -> dict:
+    """``case(folder)`` run in a new Python process; the JSON it printed last."""
+    done = subprocess.run([sys.executable, "-c", f"import sys; from tests.e2e.test_flow_start import {case}; "
+                           f"{case}(sys.argv[1])", str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _recording_starts(record):
+    """Deployment.start, noting each deployment's name and ``record(deployment)`` first."""
     start = jina.orchestrate.deployments.Deployment.start
 
     def recording_start(self):
-        started.append((self.name, os.path.exists(marker)))
+        record(self)
         return start(self)
 
-    monkeypatch.setattr(jina.orchestrate.deployments.Deployment, "start", recording_start)
+    jina.orchestrate.deployments.Deployment.start = recording_start
+
+
+def gateway_after_executors(folder: str) -> None:
+    marker = os.path.join(folder, "loaded")
+    started = []
+    _recording_starts(lambda d: started.append((d.name, os.path.exists(marker))))
     flow = _flow(SlowToLoad, marker=marker)
     gateway_starts_last(flow)
     gateway_starts_last(flow)  # twice: wrapped once
     with flow:
         answer = flow.post("/", inputs=[], return_responses=True)
-    assert answer[0].status.code == 0
-    assert started == [("slow", False), ("gateway", True)]
+    print(json.dumps({"code": answer[0].status.code, "started": started}))
 
 
-def test_an_executor_that_fails_to_load_fails_the_start_as_before(monkeypatch):
+def executor_fails_to_load(folder: str) -> None:
     started = []
-    start = jina.orchestrate.deployments.Deployment.start
-    monkeypatch.setattr(jina.orchestrate.deployments.Deployment, "start",
-                        lambda self: started.append(self.name) or start(self))
+    _recording_starts(lambda d: started.append(d.name))
     flow = _flow(FailsToLoad)
     gateway_starts_last(flow)
-    with pytest.raises(RuntimeFailToStart):
+    raised = None
+    try:
         with flow:
             pass
-    assert started == ["slow"]  # no gateway started for a flow that cannot serve
+    except RuntimeFailToStart as e:
+        raised = type(e).__name__
+    print(json.dumps({"raised": raised, "started": started}))
 
 
-def test_a_flow_whose_executor_was_killed_closes_without_waiting_for_it(tmp_path):
-    """jina waits 60 s (JINA_DEFAULT_TIMEOUT_CTRL) at close for every pod to report its shutdown; a killed
-    one never does. The flow marks it shut down and closes at once."""
-    flow = _flow(SlowToLoad, marker=str(tmp_path / "loaded"))
+def killed_executor_closes_at_once(folder: str) -> None:
+    flow = _flow(SlowToLoad, marker=os.path.join(folder, "loaded"))
     dead_pods_close_at_once(flow)
     with flow:
         (pod,) = flow._deployment_nodes["slow"].shards[0]._pods
         os.kill(pod.worker.pid, signal.SIGKILL)
         pod.worker.join(10)
         closing = time.monotonic()
-    took = time.monotonic() - closing
-    assert not pod.worker.is_alive() and pod.is_shutdown.is_set()
-    assert took < 30, f"closing took {took:.0f} s"
+    print(json.dumps({"took": time.monotonic() - closing, "alive": pod.worker.is_alive(),
+                      "shut_down": pod.is_shutdown.is_set()}))
+
+
+def test_the_gateway_starts_after_its_executors_loaded(tmp_path):
+    seen = _in_a_fresh_process("gateway_after_executors", tmp_path)
+    assert seen["code"] == 0
+    assert seen["started"] == [["slow", False], ["gateway", True]]
+
+
+def test_an_executor_that_fails_to_load_fails_the_start_as_before(tmp_path):
+    seen = _in_a_fresh_process("executor_fails_to_load", tmp_path)
+    assert seen["raised"] == "RuntimeFailToStart"
+    assert seen["started"] == ["slow"]  # no gateway started for a flow that cannot serve
+
+
+def test_a_flow_whose_executor_was_killed_closes_without_waiting_for_it(tmp_path):
+    """jina waits 60 s (JINA_DEFAULT_TIMEOUT_CTRL) at close for every pod to report its shutdown; a killed
+    one never does. The flow marks it shut down and closes at once."""
+    seen = _in_a_fresh_process("killed_executor_closes_at_once", tmp_path)
+    assert not seen["alive"] and seen["shut_down"]
+    assert seen["took"] < 30, f"closing took {seen['took']:.0f} s"
