@@ -13,16 +13,17 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _cpuid_faulting() -> bool:
+def _host_flags() -> set:
+    """The CPU's flags as the kernel lists them (/proc/cpuinfo, which CPUID faulting does not change)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "cpuid_fault" in line.split() for line in f)
+            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), ()))
     except OSError:
-        return False
+        return set()
 
 
 pytestmark = pytest.mark.skipif(
-    platform.machine() != "x86_64" or not _cpuid_faulting() or shutil.which("cc") is None,
+    platform.machine() != "x86_64" or "cpuid_fault" not in _host_flags() or shutil.which("cc") is None,
     reason="needs x86-64 Linux with CPUID faulting (cpuid_fault in /proc/cpuinfo) and a C compiler")
 
 SEES = ("import json, torch; from executors.models.precision import avx2_only, cpu_capabilities; "
@@ -79,9 +80,7 @@ def test_without_it_an_avx512_host_is_seen_as_it_is():
     """On a host with AVX-512 the process without the library is not AVX2-only: the library is what changes it."""
     import json
 
-    with open("/proc/cpuinfo") as f:
-        flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    if "avx512f" not in flags:
+    if "avx512f" not in _host_flags():
         pytest.skip("the host has no AVX-512 to hide")
     done = _python(SEES)
     assert done.returncode == 0, done.stderr
