@@ -239,17 +239,29 @@ def timed(fn, *args, repeat: int = 1, **kwargs):
     return result, times
 
 
-def image_rate(clip, batch_size: int, images: int, warmup: int = 1) -> float:
-    """images/s of the image tower (+ L2 norm) on random pixel batches of the model's input size."""
+def image_rate(clip, batch_size: int, images: int, warmup: int = 1, streams: int = 1) -> float:
+    """images/s of the image tower (+ L2 norm) on random pixel batches of the model's input size: one batch
+    after another on every thread, or ``streams`` batches side by side, as the encoder runs them
+    (``executors.models.loading.submit_image_embeddings``)."""
+    from collections import deque
+
     from executors.images.imaging import Preprocess
-    from executors.models.loading import image_embeddings
+    from executors.models.loading import submit_image_embeddings
 
     recipe = Preprocess.from_processor_config(clip.processor_config)
     x = np.random.default_rng(0).standard_normal((batch_size, 3, recipe.crop_height, recipe.crop_width)).astype(np.float32)
-    for _ in range(warmup):
-        image_embeddings(clip, x)
-    batches = max(1, math.ceil(images / batch_size))
+
+    def run(batches: int) -> None:
+        running: deque = deque()
+        for _ in range(batches):
+            running.append(submit_image_embeddings(clip, x, streams))
+            if len(running) >= streams:
+                running.popleft().result()
+        for future in running:
+            future.result()
+
+    run(warmup * streams)  # every stream's first call sets up its kernels
+    batches = max(streams, math.ceil(images / batch_size))
     t0 = time.perf_counter()
-    for _ in range(batches):
-        image_embeddings(clip, x)
+    run(batches)
     return batches * batch_size / (time.perf_counter() - t0)

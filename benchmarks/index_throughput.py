@@ -1,8 +1,10 @@
 """Indexing throughput by precision (float32, bfloat16, int8 side by side, one run), on real-size JPEGs:
 
 - (a) the raw CLIP image model on ready-made tensors;
+- (a) also with as many batches side by side as the encoder runs (one per torch thread, each on one thread);
 - (r) the best raw loop: read -> draft decode -> preprocess -> model in one plain process (serial, and
-  with a decode thread pool ahead of the model), the same model, precision and preprocessing as the flow;
+  with a decode thread pool ahead of the model and the encoder's batches side by side), the same model,
+  precision and preprocessing as the flow;
 - (c) the CLIPImageEncoder executor alone (its decode pool ahead of the model, no gRPC, no indexer);
 - (b) the index flow as `clipseek index` drives it (files -> client -> gRPC -> encoder -> indexer -> memmap);
 - (p) the float32 reference: transformers' CLIPImageProcessor + the float32 model, one image batch after another;
@@ -44,7 +46,8 @@ def in_fresh_process(*args: str, threads=None) -> dict:
 
 
 def raw_model_fresh(model_dir: str, batch_size: int, images: int, threads=None, dtype: str = "float32") -> dict:
-    """image_rate in a fresh process: {"rate": images/s, "threads": torch threads}."""
+    """image_rate in a fresh process, one batch after another and as many side by side as the encoder runs:
+    {"rate": images/s, "side_by_side": images/s, "streams": batches side by side, "threads": torch threads}."""
     return in_fresh_process("--raw-child", model_dir, "--batch-size", str(batch_size), "--images", str(images),
                             "--dtype", dtype, threads=threads)
 
@@ -56,10 +59,11 @@ def raw_loop(clip, paths, warm, batch_size: int, threaded: bool):
 
     from executors.clip_image_encoder import DRAFT_FACTOR
     from executors.images.imaging import Preprocess, decode_image, preprocess, read_source
-    from executors.models.loading import image_embeddings
+    from executors.models.loading import image_streams, submit_image_embeddings
     from executors.params import worker_threads
 
     recipe = Preprocess.from_processor_config(clip.processor_config)
+    streams = image_streams(clip) if threaded else 1
 
     def prepare(path):
         return preprocess(decode_image(read_source(path).data, path, draft_size=recipe.shortest_edge * DRAFT_FACTOR), recipe)
@@ -69,14 +73,14 @@ def raw_loop(clip, paths, warm, batch_size: int, threaded: bool):
         with ThreadPoolExecutor(worker_threads()) as pool:
             pixels = pool.map(prepare, files) if threaded else map(prepare, files)
             batch = []
-            for array in pixels:
+            for i, array in enumerate(pixels, 1):
                 batch.append(array)
-                if len(batch) == batch_size:
-                    out.append(image_embeddings(clip, np.stack(batch)))
+                if len(batch) == batch_size or i == len(files):
+                    out.append(submit_image_embeddings(clip, np.stack(batch), streams))
                     batch = []
-            if batch:
-                out.append(image_embeddings(clip, np.stack(batch)))
-        return np.concatenate(out)
+                    if len(out) >= streams:
+                        out[-streams] = out[-streams].result()
+        return np.concatenate([v if isinstance(v, np.ndarray) else v.result() for v in out])
 
     run(warm)
     t0 = time.perf_counter()
@@ -277,7 +281,12 @@ def main():
 
         clip = load_clip(args.loop_child or args.raw_child, "cpu", args.dtype)
         if args.raw_child:
-            print(json.dumps({"rate": image_rate(clip, args.batch_size, args.images, warmup=2), "threads": torch.get_num_threads()}))
+            from executors.models.loading import image_streams
+
+            streams = image_streams(clip)
+            print(json.dumps({"rate": image_rate(clip, args.batch_size, args.images, warmup=2),
+                              "side_by_side": image_rate(clip, args.batch_size, args.images, warmup=2, streams=streams),
+                              "streams": streams, "threads": torch.get_num_threads()}))
             return
         serial, vectors = raw_loop(clip, listed["paths"], listed["warm"], args.batch_size, threaded=False)
         threaded, _ = raw_loop(clip, listed["paths"], listed["warm"], args.batch_size, threaded=True)
@@ -309,30 +318,35 @@ def main():
     print(f"(p) float32 reference, CLIPImageProcessor + float32 model: {reference:.2f} images/s", flush=True)
     results, vectors = {}, {}
     for dtype in precisions:
-        raw = raw_model_fresh(model_dir, args.batch_size, min(args.images, 192), args.threads, dtype)["rate"]
+        raw = raw_model_fresh(model_dir, args.batch_size, min(args.images, 192), args.threads, dtype)
         loop = child_with_photos("--loop-child", model_dir, photos, warm, args.batch_size, args.request_size, dtype, args.threads)
         alone = child_with_photos("--encoder-child", model_dir, photos, warm, args.batch_size, args.request_size, dtype,
                                   args.threads)["rate"]
         flow = served_flow(model_dir, photos, warm, args.batch_size, args.request_size, dtype)
         vectors[dtype] = np.asarray(loop["vectors"], dtype=np.float32)
-        results[dtype] = dict(raw=raw, serial=loop["serial"], threaded=loop["threaded"], alone=alone, flow=flow)
-        print(f"{dtype}: (a) {raw:.2f}, (r) serial {loop['serial']:.2f} / threaded {loop['threaded']:.2f}, "
+        results[dtype] = dict(raw=raw["rate"], side=raw["side_by_side"], streams=raw["streams"], serial=loop["serial"],
+                              threaded=loop["threaded"], alone=alone, flow=flow)
+        print(f"{dtype}: (a) {raw['rate']:.2f} / {raw['side_by_side']:.2f} with {raw['streams']} side by side, "
+              f"(r) serial {loop['serial']:.2f} / threaded {loop['threaded']:.2f}, "
               f"(c) {alone:.2f}, (b) {flow:.2f} images/s", flush=True)
 
+    fastest = max(max(r["raw"], r["side"]) for r in results.values())
     rows = []
     for dtype in precisions:
         r = results[dtype]
         best = max(r["serial"], r["threaded"])
         cos = "1" if dtype == "float32" or "float32" not in vectors else \
             f"{float((vectors[dtype] * vectors['float32']).sum(axis=1).min()):.5f}"
-        rows.append([dtype, f"{r['raw']:.2f}", f"{r['serial']:.2f} / {r['threaded']:.2f}", f"{r['alone']:.2f}",
-                     f"{r['flow']:.2f}", f"{r['flow'] / best:.2f}", f"{r['flow'] / reference:.2f}", cos])
+        rows.append([dtype, f"{r['raw']:.2f} / {r['side']:.2f}", f"{r['serial']:.2f} / {r['threaded']:.2f}", f"{r['alone']:.2f}",
+                     f"{r['flow']:.2f}", f"{r['flow'] / best:.2f}", f"{r['flow'] / fastest:.2f}", f"{r['flow'] / reference:.2f}", cos])
+    streams = sorted({r["streams"] for r in results.values()})
     report.table(f"Throughput by precision, images/s: {len(photos)} photos ({mb / len(photos):.2f} MiB of JPEG each on "
                  f"average), batch {args.batch_size}, {args.request_size} per request, cpu, torch "
-                 f"{torch.get_num_threads()} threads, draft decode; (p) float32 CLIPImageProcessor + model loop = "
-                 f"**{reference:.2f}** images/s",
-                 ["precision", "(a) raw model", "(r) raw loop serial / threaded", "(c) encoder alone", "(b) index flow",
-                  "(b) / best (r)", "(b) / (p)", "min cosine to float32"], rows)
+                 f"{torch.get_num_threads()} threads, draft decode; (a) one batch at a time on every thread / "
+                 f"{' or '.join(map(str, streams))} side by side on a share of them each; fastest (a) = **{fastest:.2f}**; "
+                 f"(p) float32 CLIPImageProcessor + model loop = **{reference:.2f}** images/s",
+                 ["precision", "(a) raw model, one / side by side", "(r) raw loop serial / threaded", "(c) encoder alone",
+                  "(b) index flow", "(b) / best (r)", "(b) / fastest (a)", "(b) / (p)", "min cosine to float32"], rows)
 
     split_paths = photos[: args.split_images]
     rows = []

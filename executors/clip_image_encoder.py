@@ -14,7 +14,8 @@ import numpy as np
 from docarray import DocList
 from jina import Executor, requests
 
-from executors.models.loading import batched, check_positive_int, default_model, image_embeddings, load_clip
+from executors.models.loading import (batched, check_positive_int, default_model, image_streams, load_clip,
+                                      submit_image_embeddings)
 from executors.docs import STATUS_FAILED, Hit, ImageInput, TextQuery, VideoMoment, has_image
 from executors.images.imaging import (ImageError, PhotoFacts, Preprocess, SourceInfo, array_to_image, decode_image,
                                       local_path, path_uri, preprocess, read_source)
@@ -148,6 +149,7 @@ class CLIPImageEncoder(Executor):
         dtype: Optional[str] = None,
         access_paths: str = "@r",
         num_workers: Optional[int] = None,
+        model_streams: Optional[int] = None,
         draft_decode: bool = True,
         url_timeout: float = 10.0,
         max_download_bytes: int = 50 * 2**20,
@@ -180,6 +182,7 @@ class CLIPImageEncoder(Executor):
         self.allowed_roots = _roots(allowed_roots)
         self.allow_private_urls = as_flag(allow_private_urls, "allow_private_urls")
         workers = num_workers or worker_threads()
+        self.model_streams = None if model_streams is None else check_positive_int("model_streams", model_streams)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipseek-decode")
         self._load(self.defaults)
 
@@ -258,7 +261,31 @@ class CLIPImageEncoder(Executor):
 
         timings = {"prepare_wait": 0.0, "model": 0.0, "read": 0.0, "decode": 0.0, "preprocess": 0.0}
         results = prefetch(self._pool, work, targets, window=2 * batch_size)
+        # With several batches, as many as there are streams go to the model at once (image_streams); one
+        # batch alone (a query's picture) takes every thread.
+        streams = max(1, min(image_streams(clip, self.model_streams), -(-len(targets) // batch_size)))
+        in_model: deque = deque()
         failed = 0
+
+        def finish() -> None:
+            ready, future = in_model.popleft()
+            t0 = time.perf_counter()
+            vectors = np.concatenate([f.result() for f in future])
+            timings["model"] += time.perf_counter() - t0
+            at = 0
+            for doc, times in ready:
+                if times is None:
+                    doc.embedding = vectors[at]
+                    at += 1
+                else:
+                    doc.moments = DocList[VideoMoment]([VideoMoment(t=t, embedding=vectors[at + i])
+                                                        for i, t in enumerate(times)])
+                    at += len(times)
+                doc.embedding_model = clip.name
+                doc.error = None
+                if not options["keep_pixels"]:
+                    doc.tensor, doc.bytes_ = None, None
+
         for batch in batched(targets, batch_size):
             ready, arrays = [], []
             t0 = time.perf_counter()
@@ -284,26 +311,15 @@ class CLIPImageEncoder(Executor):
                         _set_when_and_where(doc, getattr(info, "facts", None))
                 ready.append((doc, times))
                 arrays.extend(pixels if times is not None else [pixels])
-            t1 = time.perf_counter()
-            if ready:
-                vectors = np.concatenate([image_embeddings(clip, np.stack(arrays[i : i + batch_size]))
-                                          for i in range(0, len(arrays), batch_size)])
-                at = 0
-                for doc, times in ready:
-                    if times is None:
-                        doc.embedding = vectors[at]
-                        at += 1
-                    else:
-                        doc.moments = DocList[VideoMoment]([VideoMoment(t=t, embedding=vectors[at + i])
-                                                            for i, t in enumerate(times)])
-                        at += len(times)
-                    doc.embedding_model = clip.name
-                    doc.error = None
-                    if not options["keep_pixels"]:
-                        doc.tensor, doc.bytes_ = None, None
+            timings["prepare_wait"] += time.perf_counter() - t0
+            if ready:  # a video's moments may make more than one batch
+                in_model.append((ready, [submit_image_embeddings(clip, np.stack(arrays[i : i + batch_size]), streams)
+                                         for i in range(0, len(arrays), batch_size)]))
             arrays = []
-            timings["prepare_wait"] += t1 - t0
-            timings["model"] += time.perf_counter() - t1
+            while len(in_model) >= streams:
+                finish()
+        while in_model:
+            finish()
         logger.info("encoded %d images (%d failed): waited %.3f s for pixels, %.3f s in the model; "
                     "decode threads spent %.3f s reading, %.3f s decoding, %.3f s preprocessing",
                     len(targets) - failed, failed, timings["prepare_wait"], timings["model"],

@@ -37,6 +37,7 @@ SERVER_OPTIONS = {
     "url_timeout": "clipseek serve --url-timeout",
     "max_download_bytes": "clipseek serve --max-download-bytes",
     "num_workers": "the flow YAML's uses_with",
+    "model_streams": "the flow YAML's uses_with",
     "index_dir": "the flow YAML's uses_with",
     "storage_dtype": "the flow YAML's uses_with",
     "chunk_rows": "the flow YAML's uses_with",

@@ -147,8 +147,9 @@ def test_batch_size_parameter_is_read(image_encoder, picture_dir, monkeypatch):
 
     _, paths = picture_dir
     sizes = []
-    real = module.image_embeddings
-    monkeypatch.setattr(module, "image_embeddings", lambda clip, px: sizes.append(len(px)) or real(clip, px))
+    real = module.submit_image_embeddings
+    monkeypatch.setattr(module, "submit_image_embeddings",
+                        lambda clip, px, streams: sizes.append(len(px)) or real(clip, px, streams))
     image_encoder.encode(DocList[ImageInput]([ImageInput(url=p) for p in paths]), parameters={"batch_size": 1})
     assert sizes == [1, 1, 1, 1]
     sizes.clear()
