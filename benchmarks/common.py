@@ -240,8 +240,8 @@ def timed(fn, *args, repeat: int = 1, **kwargs):
 
 
 def image_rate(clip, batch_size: int, images: int, warmup: int = 1, streams: int = 1) -> float:
-    """images/s of the image tower (+ L2 norm) on random pixel batches of the model's input size: one batch
-    after another on every thread, or ``streams`` batches side by side, as the encoder runs them
+    """images/s of the image tower (+ L2 norm) on random pixel batches of the model's input size: each batch on
+    every thread, or split into ``streams`` parts side by side, as the encoder runs them
     (``executors.models.loading.submit_image_embeddings``)."""
     from collections import deque
 
@@ -255,13 +255,13 @@ def image_rate(clip, batch_size: int, images: int, warmup: int = 1, streams: int
         running: deque = deque()
         for _ in range(batches):
             running.append(submit_image_embeddings(clip, x, streams))
-            if len(running) >= streams:
+            if len(running) >= (2 if streams > 1 else 1):  # as the encoder: the next batch queued behind
                 running.popleft().result()
         for future in running:
             future.result()
 
-    run(warmup * streams)  # every stream's first call sets up its kernels
-    batches = max(streams, math.ceil(images / batch_size))
+    run(warmup)
+    batches = max(1, math.ceil(images / batch_size))
     t0 = time.perf_counter()
     run(batches)
     return batches * batch_size / (time.perf_counter() - t0)

@@ -1,9 +1,9 @@
 """Indexing throughput by precision (float32, bfloat16, int8 side by side, one run), on real-size JPEGs:
 
 - (a) the raw CLIP image model on ready-made tensors;
-- (a) also with as many batches side by side as the encoder runs (one per torch thread, each on one thread);
+- (a) also with each batch split as the encoder splits it (one part per torch thread, side by side);
 - (r) the best raw loop: read -> draft decode -> preprocess -> model in one plain process (serial, and
-  with a decode thread pool ahead of the model and the encoder's batches side by side), the same model,
+  with a decode thread pool ahead of the model and each batch split as the encoder splits it), the same model,
   precision and preprocessing as the flow;
 - (c) the CLIPImageEncoder executor alone (its decode pool ahead of the model, no gRPC, no indexer);
 - (b) the index flow as `clipseek index` drives it (files -> client -> gRPC -> encoder -> indexer -> memmap);
@@ -46,8 +46,8 @@ def in_fresh_process(*args: str, threads=None) -> dict:
 
 
 def raw_model_fresh(model_dir: str, batch_size: int, images: int, threads=None, dtype: str = "float32") -> dict:
-    """image_rate in a fresh process, one batch after another and as many side by side as the encoder runs:
-    {"rate": images/s, "side_by_side": images/s, "streams": batches side by side, "threads": torch threads}."""
+    """image_rate in a fresh process, each batch on every thread and split into parts side by side as the encoder
+    runs it: {"rate": images/s, "side_by_side": images/s, "streams": parts, "threads": torch threads}."""
     return in_fresh_process("--raw-child", model_dir, "--batch-size", str(batch_size), "--images", str(images),
                             "--dtype", dtype, threads=threads)
 
@@ -78,8 +78,10 @@ def raw_loop(clip, paths, warm, batch_size: int, threaded: bool):
                 if len(batch) == batch_size or i == len(files):
                     out.append(submit_image_embeddings(clip, np.stack(batch), streams))
                     batch = []
-                    if len(out) >= streams:
-                        out[-streams] = out[-streams].result()
+                    if streams > 1 and len(out) >= 2:  # as the encoder: the next batch queued behind
+                        out[-2] = out[-2].result()
+                    elif streams == 1:
+                        out[-1] = out[-1].result()
         return np.concatenate([v if isinstance(v, np.ndarray) else v.result() for v in out])
 
     run(warm)
@@ -326,7 +328,7 @@ def main():
         vectors[dtype] = np.asarray(loop["vectors"], dtype=np.float32)
         results[dtype] = dict(raw=raw["rate"], side=raw["side_by_side"], streams=raw["streams"], serial=loop["serial"],
                               threaded=loop["threaded"], alone=alone, flow=flow)
-        print(f"{dtype}: (a) {raw['rate']:.2f} / {raw['side_by_side']:.2f} with {raw['streams']} side by side, "
+        print(f"{dtype}: (a) {raw['rate']:.2f} / {raw['side_by_side']:.2f} split in {raw['streams']}, "
               f"(r) serial {loop['serial']:.2f} / threaded {loop['threaded']:.2f}, "
               f"(c) {alone:.2f}, (b) {flow:.2f} images/s", flush=True)
 
@@ -342,10 +344,10 @@ def main():
     streams = sorted({r["streams"] for r in results.values()})
     report.table(f"Throughput by precision, images/s: {len(photos)} photos ({mb / len(photos):.2f} MiB of JPEG each on "
                  f"average), batch {args.batch_size}, {args.request_size} per request, cpu, torch "
-                 f"{torch.get_num_threads()} threads, draft decode; (a) one batch at a time on every thread / "
-                 f"{' or '.join(map(str, streams))} side by side on a share of them each; fastest (a) = **{fastest:.2f}**; "
+                 f"{torch.get_num_threads()} threads, draft decode; (a) each batch on every thread / split into "
+                 f"{' or '.join(map(str, streams))} parts side by side on a share of them each; fastest (a) = **{fastest:.2f}**; "
                  f"(p) float32 CLIPImageProcessor + model loop = **{reference:.2f}** images/s",
-                 ["precision", "(a) raw model, one / side by side", "(r) raw loop serial / threaded", "(c) encoder alone",
+                 ["precision", "(a) raw model, whole / split", "(r) raw loop serial / threaded", "(c) encoder alone",
                   "(b) index flow", "(b) / best (r)", "(b) / fastest (a)", "(b) / (p)", "min cosine to float32"], rows)
 
     split_paths = photos[: args.split_images]

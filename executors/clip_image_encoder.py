@@ -261,16 +261,17 @@ class CLIPImageEncoder(Executor):
 
         timings = {"prepare_wait": 0.0, "model": 0.0, "read": 0.0, "decode": 0.0, "preprocess": 0.0}
         results = prefetch(self._pool, work, targets, window=2 * batch_size)
-        # With several batches, as many as there are streams go to the model at once (image_streams); one
-        # batch alone (a query's picture) takes every thread.
-        streams = max(1, min(image_streams(clip, self.model_streams), -(-len(targets) // batch_size)))
+        # On a CPU each batch is split to run on several model threads side by side (image_streams), and the next
+        # batch is gathered meanwhile; a single picture (a query's) takes every thread.
+        streams = image_streams(clip, self.model_streams)
+        ahead = 2 if streams > 1 else 1  # batches handed to the model before waiting for the first of them
         in_model: deque = deque()
         failed = 0
 
         def finish() -> None:
-            ready, future = in_model.popleft()
+            ready, parts = in_model.popleft()
             t0 = time.perf_counter()
-            vectors = np.concatenate([f.result() for f in future])
+            vectors = np.concatenate([f.result() for f in parts])
             timings["model"] += time.perf_counter() - t0
             at = 0
             for doc, times in ready:
@@ -316,7 +317,7 @@ class CLIPImageEncoder(Executor):
                 in_model.append((ready, [submit_image_embeddings(clip, np.stack(arrays[i : i + batch_size]), streams)
                                          for i in range(0, len(arrays), batch_size)]))
             arrays = []
-            while len(in_model) >= streams:
+            while len(in_model) >= ahead:
                 finish()
         while in_model:
             finish()

@@ -478,9 +478,9 @@ _stream_pools: Dict[int, Any] = {}
 
 
 def image_streams(clip: LoadedClip, wanted: Optional[int] = None) -> int:
-    """How many image batches may run on the model at once: on a CPU one per torch thread of this process
-    (at most ``wanted``, which None leaves at that), each batch on a thread of its own with an equal share of
-    the threads; 1 on a GPU, or where the process has one thread."""
+    """Into how many parts a batch of images is split to run side by side: on a CPU one per torch thread of this
+    process (at most ``wanted``, which None leaves at MAX_STREAMS), each part on a thread of its own with an
+    equal share of the threads; 1 on a GPU, or where the process has one thread."""
     if not clip.device == "cpu":
         return 1
     return max(1, min(process_threads(), wanted or MAX_STREAMS))
@@ -489,20 +489,34 @@ def image_streams(clip: LoadedClip, wanted: Optional[int] = None) -> int:
 MAX_STREAMS = 8
 
 
+class _Parts:
+    """The Futures of a batch's parts, read back as one Future of the whole batch's embeddings."""
+
+    def __init__(self, futures):
+        self.futures = futures
+
+    def result(self):
+        import numpy as np
+
+        return np.concatenate([f.result() for f in self.futures])
+
+
 def submit_image_embeddings(clip: LoadedClip, pixel_values, streams: int = 1) -> "Any":
-    """``image_embeddings`` as a Future. With ``streams`` > 1 (``image_streams``) the batch runs on one of
-    ``streams`` model threads with this process's torch threads divided among them, so that that many
-    batches run side by side: on 2 vCPUs two ViT-B/32 batches on one thread each embedded 14-30% more images
-    per second than one batch after another on both threads (float32, bfloat16, int8; benchmarks/
-    index_throughput.py, column (a)): the steps of one batch that do not spread over the threads leave a core
-    idle, which the other batch fills."""
-    if streams <= 1 and threading.current_thread().name.startswith(MODEL_THREAD):
+    """``image_embeddings`` to be read with ``.result()``. With ``streams`` > 1 (``image_streams``) the batch is
+    split into that many parts (at most one per image), each run on a model thread of its own with this
+    process's torch threads divided among them, instead of the whole batch on every thread: on 2 vCPUs two
+    halves of a ViT-B/32 batch on one thread each embedded 3-55% more images per second than the batch on both
+    threads (float32 least, int8 most; benchmarks/index_throughput.py, column (a)): the steps of one call that
+    do not spread over the threads leave a core idle, which the other part fills. A picture's embedding does
+    not depend on its batch neighbours, so the parts give the same embeddings as the whole."""
+    parts = min(streams, len(pixel_values))
+    if parts <= 1 and threading.current_thread().name.startswith(MODEL_THREAD):
         from concurrent.futures import Future
 
         done: Future = Future()
         done.set_result(_image_embeddings(clip, pixel_values))  # waiting on its own pool would never end
         return done
-    if streams <= 1:
+    if parts <= 1:
         return _model_pool().submit(_image_embeddings, clip, pixel_values)
     with _model_thread_lock:
         pool = _stream_pools.get(streams)
@@ -510,7 +524,10 @@ def submit_image_embeddings(clip: LoadedClip, pixel_values, streams: int = 1) ->
             from concurrent.futures import ThreadPoolExecutor
 
             pool = _stream_pools[streams] = ThreadPoolExecutor(streams, thread_name_prefix=f"{MODEL_THREAD}-stream")
-    return pool.submit(_image_embeddings, clip, pixel_values, max(1, process_threads() // streams))
+    import numpy as np
+
+    threads = max(1, process_threads() // parts)
+    return _Parts([pool.submit(_image_embeddings, clip, part, threads) for part in np.array_split(pixel_values, parts)])
 
 
 def _image_embeddings(clip: LoadedClip, pixel_values, threads: Optional[int] = None) -> "Any":

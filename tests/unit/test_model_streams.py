@@ -1,5 +1,5 @@
-"""Image batches side by side on a CPU (``model_streams``): which threads run them, with how many torch threads
-each, and that the embeddings are the same as one batch after another."""
+"""A batch of images split to run side by side on a CPU (``model_streams``): which threads run the parts, with how
+many torch threads each, and that the embeddings are those of the whole batch on every thread."""
 
 import dataclasses
 import threading
@@ -40,40 +40,43 @@ def _embed(encoder, paths):
 
 
 @needs_two_threads
-def test_batches_run_side_by_side_on_a_share_of_the_threads_each(tiny_model, picture_dir, calls):
+def test_a_batch_runs_in_parts_side_by_side_on_a_share_of_the_threads_each(tiny_model, picture_dir, calls):
     _, paths = picture_dir
     total = loading.process_threads()
-    side = CLIPImageEncoder(pretrained_model_name_or_path=tiny_model, batch_size=1, dtype="float32")
-    one = CLIPImageEncoder(pretrained_model_name_or_path=tiny_model, batch_size=1, dtype="float32", model_streams=1)
+    streams = min(total, len(paths), loading.MAX_STREAMS)
+    split = CLIPImageEncoder(pretrained_model_name_or_path=tiny_model, batch_size=len(paths), dtype="float32")
+    whole = CLIPImageEncoder(pretrained_model_name_or_path=tiny_model, batch_size=len(paths), dtype="float32",
+                             model_streams=1)
     try:
-        got = _embed(side, paths)
-        streams = min(total, len(paths), loading.MAX_STREAMS)
+        got = _embed(split, paths)
         names = {name for name, _, _ in calls}
-        assert len(calls) == len(paths) and len(names) == streams, calls
-        assert all(n.startswith(f"{loading.MODEL_THREAD}-stream") for n in names)
+        assert sorted(n for _, _, n in calls) == sorted(len(p) for p in np.array_split(paths, streams)), calls
+        assert len(names) == streams and all(n.startswith(f"{loading.MODEL_THREAD}-stream") for n in names)
         assert {threads for _, threads, _ in calls} == {total // streams}
         calls.clear()
-        want = _embed(one, paths)  # one batch after another on every thread, on the one model thread
-        assert {(name, threads) for name, threads, _ in calls} == {(f"{loading.MODEL_THREAD}_0", total)}
+        want = _embed(whole, paths)  # the whole batch on every thread, on the one model thread
+        assert [(name, threads, n) for name, threads, n in calls] == [(f"{loading.MODEL_THREAD}_0", total, len(paths))]
         np.testing.assert_allclose(got, want, atol=1e-6)
+        calls.clear()
+        _embed(split, paths + paths[:1])  # batch size 4: a batch of four in parts, then one picture alone
+        assert [n for _, _, n in calls][-1] == 1 and calls[-1][:2] == (f"{loading.MODEL_THREAD}_0", total)
     finally:
-        side.close()
-        one.close()
+        split.close()
+        whole.close()
 
 
 @needs_two_threads
-def test_a_single_batch_takes_every_thread(tiny_model, picture_dir, calls):
-    """A query's picture (one batch) is not held to a stream's share of the threads."""
+def test_a_query_picture_takes_every_thread(tiny_model, picture_dir, calls):
+    """A query's picture (a batch of one) is not held to a part's share of the threads."""
     _, paths = picture_dir
     encoder = CLIPImageEncoder(pretrained_model_name_or_path=tiny_model, batch_size=8, dtype="float32")
     try:
-        _embed(encoder, paths[:3])
         query = DocList[TextQuery]([TextQuery(url=paths[0])])
         encoder.encode_queries(query)
         assert query[0].embedding is not None
     finally:
         encoder.close()
-    assert [(threads, n) for _, threads, n in calls] == [(loading.process_threads(), 3), (loading.process_threads(), 1)]
+    assert [(threads, n) for _, threads, n in calls] == [(loading.process_threads(), 1)]
 
 
 def test_a_batch_submitted_from_a_model_thread_runs_there(tiny_model):
