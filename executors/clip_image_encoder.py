@@ -138,7 +138,9 @@ class CLIPImageEncoder(Executor):
     (executors/params.py). ``draft_decode`` (on by default) decodes big JPEGs at a reduced
     scale that still leaves DRAFT_FACTOR times the model's input size; benchmarks/index_throughput.py
     measures its speed and that embeddings stay within a cosine of 1e-5 of a full decode. A document that cannot be read or decoded gets ``status``
-    ``failed`` and an ``error`` naming it; the rest of the batch is embedded.
+    ``failed`` and an ``error`` naming it; the rest of the batch is embedded. ``model_streams``: on a CPU, into
+    how many parts a batch is split to run side by side, each on its share of the torch threads (None: one per
+    thread, at most 8; 1: the whole batch on every thread; ``executors.models.loading.submit_image_embeddings``).
     """
 
     def __init__(

@@ -477,16 +477,16 @@ def image_embeddings(clip: LoadedClip, pixel_values) -> "Any":
 _stream_pools: Dict[int, Any] = {}
 
 
+MAX_STREAMS = 8
+
+
 def image_streams(clip: LoadedClip, wanted: Optional[int] = None) -> int:
     """Into how many parts a batch of images is split to run side by side: on a CPU one per torch thread of this
     process (at most ``wanted``, which None leaves at MAX_STREAMS), each part on a thread of its own with an
     equal share of the threads; 1 on a GPU, or where the process has one thread."""
-    if not clip.device == "cpu":
+    if clip.device != "cpu":
         return 1
     return max(1, min(process_threads(), wanted or MAX_STREAMS))
-
-
-MAX_STREAMS = 8
 
 
 class _Parts:
@@ -504,10 +504,11 @@ class _Parts:
 def submit_image_embeddings(clip: LoadedClip, pixel_values, streams: int = 1) -> "Any":
     """``image_embeddings`` to be read with ``.result()``. With ``streams`` > 1 (``image_streams``) the batch is
     split into that many parts (at most one per image), each run on a model thread of its own with this
-    process's torch threads divided among them, instead of the whole batch on every thread: on 2 vCPUs two
-    halves of a ViT-B/32 batch on one thread each embedded 3-55% more images per second than the batch on both
-    threads (float32 least, int8 most; benchmarks/index_throughput.py, column (a)): the steps of one call that
-    do not spread over the threads leave a core idle, which the other part fills. A picture's embedding does
+    process's torch threads divided among them, instead of the whole batch on every thread: on 2 vCPUs the two
+    halves of a ViT-B/32 batch on one thread each embedded about as many images per second as the whole batch
+    on both threads in float32, a fifth more in bfloat16 and half more in int8 (benchmarks/index_throughput.py,
+    column (a)): the steps of one call that do not spread over the threads leave a core idle, which the other
+    part fills. A picture's embedding does
     not depend on its batch neighbours, so the parts give the same embeddings as the whole."""
     parts = min(streams, len(pixel_values))
     if parts <= 1 and threading.current_thread().name.startswith(MODEL_THREAD):
