@@ -794,14 +794,21 @@ def _binds(host: str, port: int) -> bool:
         return True
 
 
+_handed_out: set = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port on ``host`` that binds now, drawn from ``listening_port_range()``: a port of the kernel's ephemeral
     range could be taken as the local end of any outgoing connection before the server binds it
-    (PortAlreadyUsed), and the pods' ports are drawn elsewhere. Where that range is unknown, one the OS picks."""
+    (PortAlreadyUsed), and the pods' ports are drawn elsewhere. Where that range is unknown, one the OS picks.
+    A port this process was given before comes back only when no other one binds: two calls in a row (an
+    index and a search port, bound later) get two ports."""
     span = listening_port_range()
     if span is not None:
-        for port in random.sample(range(span[0], span[1] + 1), min(200, span[1] - span[0] + 1)):
+        candidates = random.sample(range(span[0], span[1] + 1), min(200, span[1] - span[0] + 1))
+        for port in sorted(candidates, key=lambda p: p in _handed_out):  # stable: the draw's order otherwise
             if _binds(host, port):
+                _handed_out.add(port)
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

@@ -17,18 +17,31 @@ from executors.params import RequestError
 needs_two_threads = pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs two torch threads (one CPU, or CLIPSEEK_TORCH_THREADS=1)")
 
 
+class _Calls(list):
+    side_by_side = None
+
+
 @pytest.fixture
 def calls(monkeypatch):
-    """(thread name, torch threads on that thread, batch length) of every image model call."""
-    seen = []
+    """(thread name, torch threads on that thread, batch length) of every image model call. A call on a stream
+    thread waits for its batch's other parts to start (``side_by_side`` sets how many), so that parts that ran
+    one after another on one thread fail instead of passing by timing."""
+    seen = _Calls()
     real = loading._image_embeddings
+    parts = {"barrier": None}
 
     def spy(clip, pixel_values, threads=None):
+        if threading.current_thread().name.startswith(f"{loading.MODEL_THREAD}-stream") and parts["barrier"]:
+            parts["barrier"].wait(timeout=30)
         out = real(clip, pixel_values, threads)
         seen.append((threading.current_thread().name, torch.get_num_threads(), len(pixel_values)))
         return out
 
+    def side_by_side(n):
+        parts["barrier"] = threading.Barrier(n)
+
     monkeypatch.setattr(loading, "_image_embeddings", spy)
+    seen.side_by_side = side_by_side
     return seen
 
 
@@ -44,6 +57,7 @@ def test_a_batch_runs_in_parts_side_by_side_on_a_share_of_the_threads_each(tiny_
     _, paths = picture_dir
     total = loading.process_threads()
     streams = min(total, len(paths), loading.MAX_STREAMS)
+    calls.side_by_side(streams)
     split = CLIPImageEncoder(pretrained_model_name_or_path=tiny_model, batch_size=len(paths), dtype="float32")
     whole = CLIPImageEncoder(pretrained_model_name_or_path=tiny_model, batch_size=len(paths), dtype="float32",
                              model_streams=1)

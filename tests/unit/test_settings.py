@@ -135,3 +135,17 @@ def test_free_ports_leave_the_ephemeral_range_and_the_pods_ports(monkeypatch):
         held.listen()
         monkeypatch.setattr(serving, "listening_port_range", lambda: (ports[0], ports[0] + 1))
         assert {serving.free_port() for _ in range(10)} == {ports[0] + 1}
+
+
+def test_free_port_gives_a_port_again_only_when_no_other_binds(monkeypatch):
+    """Two ports drawn in a row (an index and a search port, bound later) differ: the draw is random, so two calls
+    could otherwise give the same port, which `clipseek serve` refuses."""
+    from flows import serving
+
+    low = serving.free_port()
+    monkeypatch.setattr(serving, "listening_port_range", lambda: (low, low + 7))
+    monkeypatch.setattr(serving, "_handed_out", set())
+    free = [p for p in range(low, low + 8) if serving._binds("127.0.0.1", p)]
+    drawn = [serving.free_port() for _ in free]
+    assert sorted(drawn) == free
+    assert serving.free_port() in free  # every one given: one of them again rather than none
