@@ -243,22 +243,15 @@ def image_rate(clip, batch_size: int, images: int, warmup: int = 1, streams: int
     """images/s of the image tower (+ L2 norm) on random pixel batches of the model's input size: each batch on
     every thread, or split into ``streams`` parts side by side, as the encoder runs them
     (``executors.models.loading.submit_image_embeddings``)."""
-    from collections import deque
-
     from executors.images.imaging import Preprocess
-    from executors.models.loading import submit_image_embeddings
+    from executors.models.loading import embed_in_order
 
     recipe = Preprocess.from_processor_config(clip.processor_config)
     x = np.random.default_rng(0).standard_normal((batch_size, 3, recipe.crop_height, recipe.crop_width)).astype(np.float32)
 
     def run(batches: int) -> None:
-        running: deque = deque()
-        for _ in range(batches):
-            running.append(submit_image_embeddings(clip, x, streams))
-            if len(running) >= (2 if streams > 1 else 1):  # as the encoder: the next batch queued behind
-                running.popleft().result()
-        for future in running:
-            future.result()
+        for _ in embed_in_order(clip, (x for _ in range(batches)), streams):
+            pass
 
     run(warmup)
     batches = max(1, math.ceil(images / batch_size))

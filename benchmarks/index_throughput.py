@@ -59,7 +59,7 @@ def raw_loop(clip, paths, warm, batch_size: int, threaded: bool):
 
     from executors.clip_image_encoder import DRAFT_FACTOR
     from executors.images.imaging import Preprocess, decode_image, preprocess, read_source
-    from executors.models.loading import image_streams, submit_image_embeddings
+    from executors.models.loading import embed_in_order, image_streams
     from executors.params import worker_threads
 
     recipe = Preprocess.from_processor_config(clip.processor_config)
@@ -68,21 +68,20 @@ def raw_loop(clip, paths, warm, batch_size: int, threaded: bool):
     def prepare(path):
         return preprocess(decode_image(read_source(path).data, path, draft_size=recipe.shortest_edge * DRAFT_FACTOR), recipe)
 
+    def stacked(pixels):
+        batch = []
+        for array in pixels:
+            batch.append(array)
+            if len(batch) == batch_size:
+                yield np.stack(batch)
+                batch = []
+        if batch:
+            yield np.stack(batch)
+
     def run(files):
-        out = []
         with ThreadPoolExecutor(worker_threads()) as pool:
             pixels = pool.map(prepare, files) if threaded else map(prepare, files)
-            batch = []
-            for i, array in enumerate(pixels, 1):
-                batch.append(array)
-                if len(batch) == batch_size or i == len(files):
-                    out.append(submit_image_embeddings(clip, np.stack(batch), streams))
-                    batch = []
-                    if streams > 1 and len(out) >= 2:  # as the encoder: the next batch queued behind
-                        out[-2] = out[-2].result()
-                    elif streams == 1:
-                        out[-1] = out[-1].result()
-        return np.concatenate([v if isinstance(v, np.ndarray) else v.result() for v in out])
+            return np.concatenate(list(embed_in_order(clip, stacked(pixels), streams)))
 
     run(warm)
     t0 = time.perf_counter()

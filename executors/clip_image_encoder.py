@@ -14,8 +14,8 @@ import numpy as np
 from docarray import DocList
 from jina import Executor, requests
 
-from executors.models.loading import (batched, check_positive_int, default_model, image_streams, load_clip,
-                                      submit_image_embeddings)
+from executors.models.loading import (batched, batches_ahead, check_positive_int, default_model, image_streams,
+                                      load_clip, submit_image_embeddings)
 from executors.docs import STATUS_FAILED, Hit, ImageInput, TextQuery, VideoMoment, has_image
 from executors.images.imaging import (ImageError, PhotoFacts, Preprocess, SourceInfo, array_to_image, decode_image,
                                       local_path, path_uri, preprocess, read_source)
@@ -266,7 +266,7 @@ class CLIPImageEncoder(Executor):
         # On a CPU each batch is split to run on several model threads side by side (image_streams), and the next
         # batch is gathered meanwhile; a single picture (a query's) takes every thread.
         streams = image_streams(clip, self.model_streams)
-        ahead = 2 if streams > 1 else 1  # batches handed to the model before waiting for the first of them
+        ahead = batches_ahead(streams)
         in_model: deque = deque()
         failed = 0
 

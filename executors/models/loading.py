@@ -531,6 +531,26 @@ def submit_image_embeddings(clip: LoadedClip, pixel_values, streams: int = 1) ->
     return _Parts([pool.submit(_image_embeddings, clip, part, threads) for part in np.array_split(pixel_values, parts)])
 
 
+def batches_ahead(streams: int) -> int:
+    """How many batches are in the model at once: with parts side by side the next batch is handed over
+    before the last one's result is awaited (its parts queue behind), else one batch at a time."""
+    return 2 if streams > 1 else 1
+
+
+def embed_in_order(clip: LoadedClip, batches, streams: int = 1) -> Iterator:
+    """The embeddings of each of ``batches`` (pixel arrays) in order, handed to the model as the image encoder
+    hands them (``submit_image_embeddings``, ``batches_ahead``)."""
+    from collections import deque
+
+    running: deque = deque()
+    for pixels in batches:
+        running.append(submit_image_embeddings(clip, pixels, streams))
+        if len(running) >= batches_ahead(streams):
+            yield running.popleft().result()
+    while running:
+        yield running.popleft().result()
+
+
 def _image_embeddings(clip: LoadedClip, pixel_values, threads: Optional[int] = None) -> "Any":
     import torch
 

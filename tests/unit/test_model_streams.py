@@ -128,3 +128,17 @@ def test_a_request_cannot_set_model_streams(tiny_model, picture_dir):
             encoder.encode(DocList[ImageInput]([ImageInput(url=paths[0])]), parameters={"model_streams": 8})
     finally:
         encoder.close()
+
+
+def test_embed_in_order_gives_each_batch_its_own_embeddings_in_order(tiny_model):
+    from executors.images.imaging import Preprocess
+
+    clip = loading.load_clip(tiny_model, "cpu", "float32")
+    recipe = Preprocess.from_processor_config(clip.processor_config)
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((n, 3, recipe.crop_height, recipe.crop_width)).astype(np.float32) for n in (3, 1, 4)]
+    for streams in (1, loading.image_streams(clip)):
+        got = list(loading.embed_in_order(clip, iter(batches), streams))
+        assert [len(g) for g in got] == [3, 1, 4]
+        for g, pixels in zip(got, batches):
+            np.testing.assert_allclose(g, loading.image_embeddings(clip, pixels), atol=1e-6)
